@@ -1,0 +1,33 @@
+# Every target runs inside .venv, created on first use: `make verify` works on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv verify test codegen accuracy bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+verify: $(STAMP)
+	$(PY) -m derive verify
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+codegen: $(STAMP)
+	$(PY) -m derive codegen
+
+accuracy: $(STAMP)
+	$(PY) -m derive.accuracy
+
+bench: $(STAMP)
+	$(PY) -m derive.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,180 @@
+"""Domains of symbols: real line, intervals and finite label sets.
+
+A domain knows three things the proof engine needs:
+
+* how to *parametrise* it by a fresh SymPy symbol whose assumptions make positivity
+  explicit (``p`` in (0, 1) becomes ``1/(1 + w)`` with ``w > 0``, so ``1 - p = w/(1 + w)`` is
+  visibly positive and ``(1 - p)**gamma`` can be split);
+* the values to *sample* for numeric checks (a few simple values first, then random ones);
+* for a finite set, the values to *case-split* on.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+import sympy as sp
+
+
+class DomainError(ValueError):
+    pass
+
+
+_INF = {"oo": None, "+oo": None, "inf": None, "+inf": None, "-oo": None, "-inf": None}
+
+
+def _parse_number(text: str) -> sp.Rational:
+    text = text.strip()
+    if not re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)(/\d+)?", text):
+        raise DomainError(f"{text!r} is not a number")
+    if "/" in text:
+        num, den = text.split("/")
+        if int(den) == 0:
+            raise DomainError(f"{text!r} divides by zero")
+        return sp.Rational(sp.Rational(num), int(den))
+    return sp.Rational(text)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A subset of the real line: an interval (possibly unbounded) or a finite set."""
+
+    text: str
+    lo: sp.Rational | None = None  # None means -oo
+    hi: sp.Rational | None = None  # None means +oo
+    lo_open: bool = True
+    hi_open: bool = True
+    values: tuple | None = None  # finite set
+
+    # -- construction --------------------------------------------------------------------
+    @staticmethod
+    def parse(text) -> "Domain":
+        if not isinstance(text, str):
+            raise DomainError(f"a domain is a string such as \"real\" or \"(0, 1)\", got {text!r}")
+        t = text.strip()
+        named = {
+            "real": "(-oo, oo)",
+            "positive": "(0, oo)",
+            "nonnegative": "[0, oo)",
+            "negative": "(-oo, 0)",
+            "nonpositive": "(-oo, 0]",
+        }
+        if t in named:
+            d = Domain.parse(named[t])
+            return Domain(t, d.lo, d.hi, d.lo_open, d.hi_open, None)
+        if t.startswith("{") and t.endswith("}"):
+            inner = t[1:-1].strip()
+            if not inner:
+                raise DomainError(f"domain {text!r} is the empty set")
+            vals = []
+            for part in inner.split(","):
+                v = _parse_number(part)
+                if v not in vals:
+                    vals.append(v)
+            return Domain(t, values=tuple(sorted(vals)))
+        m = re.fullmatch(r"([\(\[])\s*([^,]+?)\s*,\s*([^,]+?)\s*([\)\]])", t)
+        if not m:
+            raise DomainError(
+                f"cannot read domain {text!r}; use real, positive, nonnegative, negative, "
+                "an interval such as (0, 1) or [0, oo), or a finite set such as {-1, 1}"
+            )
+        lb, lo_t, hi_t, rb = m.groups()
+        lo = None if lo_t.strip() in ("-oo", "-inf") else _parse_number(lo_t)
+        hi = None if hi_t.strip() in ("oo", "+oo", "inf", "+inf") else _parse_number(hi_t)
+        if lo_t.strip() in ("oo", "+oo", "inf", "+inf") or hi_t.strip() in ("-oo", "-inf"):
+            raise DomainError(f"domain {text!r} is empty (bounds in the wrong order)")
+        lo_open, hi_open = lb == "(", rb == ")"
+        if lo is None and not lo_open or hi is None and not hi_open:
+            raise DomainError(f"domain {text!r}: an infinite bound must be open")
+        if lo is not None and hi is not None:
+            if lo > hi or (lo == hi and (lo_open or hi_open)):
+                raise DomainError(f"domain {text!r} is empty (it contradicts itself)")
+        return Domain(t, lo, hi, lo_open, hi_open, None)
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def is_finite(self) -> bool:
+        return self.values is not None
+
+    def contains(self, value) -> bool:
+        """Whether a real number (int, Fraction, mpf, SymPy number) lies in the domain."""
+        if self.is_finite:
+            return any(value == v for v in self.values)
+        if self.lo is not None:
+            lo = float(self.lo)
+            if value < lo or (self.lo_open and value == lo):
+                return False
+        if self.hi is not None:
+            hi = float(self.hi)
+            if value > hi or (self.hi_open and value == hi):
+                return False
+        return True
+
+    def pretty(self) -> str:
+        if self.is_finite:
+            return "{" + ", ".join(str(v) for v in self.values) + "}"
+        if self.lo is None and self.hi is None:
+            return "real"
+        lo = "-oo" if self.lo is None else str(self.lo)
+        hi = "oo" if self.hi is None else str(self.hi)
+        return ("(" if self.lo_open else "[") + f"{lo}, {hi}" + (")" if self.hi_open else "]")
+
+    # -- proof support ---------------------------------------------------------------------
+    def parametrise(self, name: str):
+        """Return (expression, fresh symbol) so that the expression ranges over the domain.
+
+        The fresh symbol carries SymPy assumptions (positive / nonnegative / real).
+        For a finite set returns None: those are case-split instead.
+        """
+        if self.is_finite:
+            return None
+        lo, hi = self.lo, self.hi
+        if lo is None and hi is None:
+            w = sp.Dummy(name, real=True)
+            return w, w
+        if hi is None:  # (lo, oo) or [lo, oo)
+            w = sp.Dummy(name, positive=True) if self.lo_open else sp.Dummy(name, nonnegative=True)
+            return lo + w, w
+        if lo is None:  # (-oo, hi) or (-oo, hi]
+            w = sp.Dummy(name, positive=True) if self.hi_open else sp.Dummy(name, nonnegative=True)
+            return hi - w, w
+        width = hi - lo
+        if self.lo_open and self.hi_open:
+            w = sp.Dummy(name, positive=True)
+            return lo + width / (1 + w), w
+        if self.lo_open:  # (lo, hi]
+            w = sp.Dummy(name, nonnegative=True)
+            return lo + width / (1 + w), w
+        if self.hi_open:  # [lo, hi)
+            w = sp.Dummy(name, nonnegative=True)
+            return hi - width / (1 + w), w
+        # [lo, hi]: lo + width * v with v in [0, 1]; v is only known to be nonnegative here
+        w = sp.Dummy(name, nonnegative=True)
+        return lo + width * w / (1 + w), w  # covers [lo, hi); hi itself is checked numerically
+
+    def samples(self, rng: random.Random, count: int) -> list[sp.Rational]:
+        """Simple values first, then random ones; every value lies in the domain."""
+        if self.is_finite:
+            return [self.values[i % len(self.values)] for i in range(count)]
+        nice = [Fraction(v) for v in ("1", "1/3", "2", "-1", "1/2", "3", "-2", "0", "5/7", "-1/3", "7/2", "4")]
+        out = [v for v in nice if self.contains(v)]
+        # endpoints of closed intervals are worth testing (gamma = 0, alpha = 1)
+        for bound, is_open in ((self.lo, self.lo_open), (self.hi, self.hi_open)):
+            if bound is not None and not is_open:
+                out.insert(1, Fraction(int(bound.p), int(bound.q)))
+        lo = float(self.lo) if self.lo is not None else -6.0
+        hi = float(self.hi) if self.hi is not None else 6.0
+        if self.lo is not None and self.hi is None:
+            hi = lo + 8.0
+        if self.hi is not None and self.lo is None:
+            lo = hi - 8.0
+        while len(out) < count:
+            v = Fraction(rng.uniform(lo, hi)).limit_denominator(10_000)
+            if self.contains(v):
+                out.append(v)
+        return [sp.Rational(v.numerator, v.denominator) for v in out[:count]]
+
+
+REAL = Domain.parse("real")

@@ -1,0 +1,283 @@
+"""Verify derivation files: every step of every chain, errata, corrected lines, domains."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import sympy as sp
+
+from .loader import DerivationFile, load_file
+from .prover import CONFIRMED, DEFAULT_SEED, PROVED, REFUTED, UNPROVED, Prover, Verdict
+
+OK, ERRATUM, FAIL = "ok", "erratum", "fail"
+
+
+def builtin_files() -> list[Path]:
+    """The derivation files shipped with the package (the note and the kernels' stable forms)."""
+    root = resources.files("derive") / "derivations"
+    return sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+@dataclass
+class Check:
+    file: str
+    derivation: str
+    chain: str | None
+    kind: str  # "domain", "step", "end-to-end", "corrected step", "corrected end-to-end"
+    index: int | None
+    lhs: str
+    rhs: str
+    lhs_latex: str
+    rhs_latex: str
+    verdict: Verdict
+    rule: str | None = None
+    note_latex: str | None = None
+    erratum: str | None = None  # erratum id this check belongs to
+    status: str = OK
+    message: str = ""
+    instances: dict = field(default_factory=dict)
+
+    def to_json(self):
+        out = {
+            "file": self.file,
+            "derivation": self.derivation,
+            "chain": self.chain,
+            "kind": self.kind,
+            "step": self.index,
+            "expression": f"{self.lhs} = {self.rhs}",
+            "lhs": self.lhs,
+            "rhs": self.rhs,
+            "latex": f"{self.lhs_latex} = {self.rhs_latex}",
+            "note_latex": self.note_latex,
+            "rule": self.rule,
+            "status": self.status,
+            "erratum": self.erratum,
+            "message": self.message,
+            "instances": self.instances,
+        }
+        out.update(self.verdict.to_json())
+        return out
+
+
+@dataclass
+class ErratumRecord:
+    id: str
+    file: str
+    derivation: str
+    chain: str
+    line: int
+    written: str
+    written_latex: str | None
+    corrected: str
+    why: str
+    refuted_by: list = field(default_factory=list)  # Check objects that refute the written line
+    corrected_checks: list = field(default_factory=list)
+    status: str = OK
+    message: str = ""
+
+
+@dataclass
+class Report:
+    files: list = field(default_factory=list)  # (path, title)
+    checks: list = field(default_factory=list)
+    errata: list = field(default_factory=list)
+    errors: list = field(default_factory=list)  # malformed files: (path, message)
+    seconds: float = 0.0
+    seed: int = DEFAULT_SEED
+    allow_numeric: bool = False
+
+    @property
+    def failed(self):
+        return [c for c in self.checks if c.status == FAIL] + [e for e in self.errata if e.status == FAIL]
+
+    def exit_code(self) -> int:
+        if self.errors:
+            return 2
+        return 1 if self.failed else 0
+
+    def counts(self):
+        from collections import Counter
+
+        return Counter(c.verdict.status for c in self.checks)
+
+
+def _tex(expr, ctx):
+    try:
+        return sp.latex(expr, symbol_names=ctx.latex_names) if ctx.latex_names else sp.latex(expr)
+    except Exception:  # printing must never sink a report
+        return str(expr)
+
+
+class Verifier:
+    def __init__(self, seed=DEFAULT_SEED, step_timeout=4.0, timeout=None, allow_numeric=False):
+        self.seed = seed
+        self.step_timeout = step_timeout
+        self.deadline = time.monotonic() + timeout if timeout else None
+        self.allow_numeric = allow_numeric
+
+    def status_of(self, verdict: Verdict) -> str:
+        if verdict.status == PROVED:
+            return OK
+        if verdict.status == CONFIRMED and self.allow_numeric:
+            return OK
+        return FAIL
+
+    def verify_file(self, df: DerivationFile, report: Report):
+        report.files.append((str(df.path), df.title))
+        fname = df.path.name
+        n_err = len(report.errata)
+        for deriv in df.derivations:
+            prover = Prover(deriv.context, seed=self.seed, step_timeout=self.step_timeout,
+                            deadline=self.deadline, instances=deriv.instances,
+                            instance_symbols=deriv.instance_symbols)
+            self._domains(fname, deriv, prover, report)
+            for chain in deriv.chains:
+                n_err = self._chain(fname, deriv, chain, prover, report, n_err)
+
+    def _domains(self, fname, deriv, prover, report):
+        ctx = deriv.context
+        used = set()
+        for chain in deriv.chains:
+            for line in chain.lines:
+                exprs = [line.expr] + ([line.erratum.corrected] if line.erratum else [])
+                for e in exprs:
+                    used |= e.free_symbols
+        # definitions used transitively
+        frontier = list(used)
+        while frontier:
+            s = frontier.pop()
+            for t in ctx.definitions.get(s, sp.S.Zero).free_symbols:
+                if t not in used:
+                    used.add(t)
+                    frontier.append(t)
+        for sym in ctx.definitions:
+            if sym in used and sym in ctx.domains:
+                v = prover.check_domain(sym)
+                report.checks.append(Check(
+                    fname, deriv.id, None, "domain", None, sym.name, ctx.domains[sym].pretty(),
+                    _tex(sym, ctx), ctx.domains[sym].pretty(), v,
+                    rule=f"{sym.name} = {ctx.definitions[sym]} lies in {ctx.domains[sym].pretty()}",
+                    status=self.status_of(v),
+                    message="" if v.status == PROVED else
+                    "declared domain not proved: proofs treat this symbol as an unconstrained real"))
+
+    def _instances(self, prover, lhs, rhs, check):
+        if not prover.instances or check.verdict.status == REFUTED:
+            return
+        Lf = prover.ctx.expand(prover.resolver.resolve(lhs))
+        Rf = prover.ctx.expand(prover.resolver.resolve(rhs))
+        for name in sorted(prover.instances):
+            vals = prover.instances[name]
+            agree, cex, _ = prover.numeric_compare(Lf.xreplace(vals), Rf.xreplace(vals),
+                                                   prover.instance_points(name, 8))
+            if cex is not None:
+                check.status = FAIL
+                check.message = f"instance {name} disagrees: {cex}"
+                check.instances[name] = f"counterexample {cex}"
+            else:
+                check.instances[name] = f"{agree} points agree"
+
+    def _chain(self, fname, deriv, chain, prover, report, n_err):
+        ctx = deriv.context
+        lines = chain.lines
+        n = len(lines)
+        written = [l.expr for l in lines]
+        fixed = [l.erratum.corrected if l.erratum else l.expr for l in lines]
+        marked = {l.index for l in lines if l.erratum}
+
+        texts = [l.text for l in lines]
+        fixed_texts = [l.erratum.corrected_text if l.erratum else l.text for l in lines]
+
+        def run(kind, i, j, exprs):
+            a, b = exprs[i], exprs[j]
+            shown = fixed_texts if exprs is fixed else texts
+            v = prover.check(a, b)
+            rule = lines[j].rule if kind.endswith("step") else "the chain's first line equals its last"
+            c = Check(fname, deriv.id, chain.id, kind, j if kind.endswith("step") else None,
+                      shown[i], shown[j], _tex(a, ctx), _tex(b, ctx), v, rule=rule,
+                      note_latex=lines[j].latex)
+            self._instances(prover, a, b, c)
+            report.checks.append(c)
+            return c
+
+        checks = [run("step", k - 1, k, written) for k in range(1, n)]
+        e2e = run("end-to-end", 0, n - 1, written) if n >= 3 else None
+        for k, c in enumerate(checks, start=1):
+            if c.status == FAIL and c.message:
+                continue
+            if c.verdict.status == REFUTED:
+                if (k - 1) in marked or k in marked:
+                    c.status = ERRATUM
+                else:
+                    c.status = FAIL
+                    c.message = "refuted step with no erratum recorded"
+            else:
+                c.status = self.status_of(c.verdict) if not c.message else c.status
+                if c.status == FAIL and not c.message:
+                    c.message = f"step is {c.verdict.status}" + (f" ({c.verdict.detail})" if c.verdict.detail else "")
+        if e2e is not None and not e2e.message:
+            if e2e.verdict.status == REFUTED:
+                e2e.status = ERRATUM if marked else FAIL
+                if not marked:
+                    e2e.message = "the chain's result is refuted with no erratum recorded"
+            else:
+                e2e.status = self.status_of(e2e.verdict)
+                if e2e.status == FAIL:
+                    e2e.message = f"end-to-end is {e2e.verdict.status}"
+        if not marked:
+            return n_err
+        # errata: each marked line must be refuted by a check that touches it
+        fixed_checks = []
+        for k in range(1, n):
+            if (k - 1) in marked or k in marked:
+                fixed_checks.append(run("corrected step", k - 1, k, fixed))
+        fixed_e2e = run("corrected end-to-end", 0, n - 1, fixed) if n >= 3 else None
+        for c in fixed_checks + ([fixed_e2e] if fixed_e2e else []):
+            if not c.message:
+                c.status = self.status_of(c.verdict)
+                if c.status == FAIL:
+                    c.message = f"the corrected line is not proved: {c.verdict.status}"
+        for k in sorted(marked):
+            n_err += 1
+            line = lines[k]
+            rec = ErratumRecord(f"E{n_err}", fname, deriv.id, chain.id, k, line.text, line.latex,
+                                line.erratum.corrected_text, line.erratum.why)
+            refuting = [c for c in checks if c.index in (k, k + 1) and c.verdict.status == REFUTED]
+            if k == n - 1 and e2e is not None and e2e.verdict.status == REFUTED:
+                refuting.append(e2e)
+            rec.refuted_by = refuting
+            rec.corrected_checks = [c for c in fixed_checks if c.index in (k, k + 1)]
+            if k == n - 1 and fixed_e2e is not None:
+                rec.corrected_checks.append(fixed_e2e)
+            for c in refuting:
+                c.erratum = c.erratum or rec.id
+            if not refuting:
+                rec.status = FAIL
+                rec.message = ("stale erratum: no check refutes the line as written "
+                               "(remove the erratum, or the tool missed the error)")
+            elif any(c.status == FAIL for c in rec.corrected_checks):
+                rec.status = FAIL
+                rec.message = "the corrected line is not proved"
+            report.errata.append(rec)
+        return n_err
+
+
+def verify_paths(paths, *, seed=DEFAULT_SEED, step_timeout=4.0, timeout=None, allow_numeric=False) -> Report:
+    from .loader import DerivationFileError
+
+    t0 = time.monotonic()
+    report = Report(seed=seed, allow_numeric=allow_numeric)
+    verifier = Verifier(seed, step_timeout, timeout, allow_numeric)
+    files = []
+    for p in paths:
+        try:
+            files.append(load_file(p))
+        except DerivationFileError as exc:
+            report.errors.append((str(p), str(exc)))
+    if not report.errors:
+        for df in files:
+            verifier.verify_file(df, report)
+    report.seconds = time.monotonic() - t0
+    return report
