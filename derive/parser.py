@@ -25,7 +25,7 @@ import sympy as sp
 from .functions import D, expm1, log1p, sigmoid, softplus, xexpm1inv
 
 MAX_LENGTH = 20_000
-MAX_DEPTH = 200
+MAX_DEPTH = 100
 
 
 class ParseError(ValueError):
@@ -307,4 +307,4 @@ def parse_expression(text: str, names: Mapping[str, sp.Basic]) -> sp.Basic:
     try:
         return _Parser(text, names).parse()
     except RecursionError:  # pragma: no cover - guarded by MAX_DEPTH, kept as a backstop
-        raise ParseError("expression nested too deeply", text) from None
+        raise ParseError(f"expression nested deeper than {MAX_DEPTH} levels", text) from None

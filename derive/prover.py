@@ -446,8 +446,8 @@ class Prover:
         return [(names["algebra"], algebra), (names["atoms"], atoms), (names["expanded"], expanded),
                 (names["simplify"], simplified)]
 
-    def _limit(self):
-        lim = self.step_timeout
+    def _limit(self, floor: float = 0.0):
+        lim = max(self.step_timeout, floor)
         if self.deadline is not None:
             lim = min(lim, self.deadline - time.monotonic())
         return lim
@@ -458,7 +458,7 @@ class Prover:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return Verdict(UNPROVED, "time limit", seconds=0.0, detail="the run's --timeout was reached")
         try:
-            with time_limit(self._limit()):
+            with time_limit(self._limit(floor=2.0)):
                 L, R = self.resolver.resolve(lhs), self.resolver.resolve(rhs)
                 Lf, Rf = self.ctx.expand(L), self.ctx.expand(R)
         except StrategyTimeout:
@@ -466,7 +466,7 @@ class Prover:
                            detail="resolving derivatives ran past the time limit")
         # 1. counterexample search
         try:
-            with time_limit(self._limit()):
+            with time_limit(self._limit(floor=2.0)):
                 _, cex, _ = self.numeric_compare(Lf, Rf, self.points(SCREEN_POINTS))
         except StrategyTimeout:
             cex = None
@@ -500,7 +500,7 @@ class Prover:
 
     def _confirm(self, Lf, Rf, t0, tried):
         try:
-            with time_limit(max(self._limit(), 1.0)):
+            with time_limit(self._limit(floor=2.0)):
                 agree, cex, skipped = self.numeric_compare(Lf, Rf, self.points(CONFIRM_POINTS))
                 notes = [f"{agree} points"]
                 for name in sorted(self.instances):
