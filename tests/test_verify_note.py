@@ -165,3 +165,15 @@ def test_numeric_only_needs_allow_numeric(tmp_path, capsys):
     assert main(["verify", "--step-timeout", "0.000001", "--allow-numeric", str(p)]) == 0
     capsys.readouterr()
     assert main(["verify", str(p)]) == 0  # with time, it is proved
+
+
+def test_readme_lists_the_errata_the_tool_found(note_report):
+    """README's errata table names exactly the errata of the report (id, derivation, chain, line)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = re.findall(r"^\| (E\d+) \| (\w+) / (\w+), line (\d+) \|", readme, re.M)
+    listed = {(i, d, c, int(k)) for i, d, c, k in rows}
+    found = {(e.id, e.derivation, e.chain, e.line) for e in note_report.errata}
+    assert listed == found
