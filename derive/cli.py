@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .prover import STRATEGIES
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse exits 2 on bad arguments, with a clear message
@@ -26,6 +28,14 @@ def _positive_float(text):
     return value
 
 
+def _strategies(text):
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in keys if k not in STRATEGIES]
+    if bad or not keys:
+        raise argparse.ArgumentTypeError(f"unknown strategy {', '.join(bad) or text!r}; known: {', '.join(STRATEGIES)}")
+    return keys
+
+
 def build_parser():
     p = _Parser(prog="derive", description="Verify gradient derivations and generate kernels.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
@@ -39,6 +49,8 @@ def build_parser():
     v.add_argument("--step-timeout", type=_positive_float, default=4.0, metavar="SECONDS",
                    help="time limit for each proof strategy (default 4)")
     v.add_argument("--seed", type=int, default=None, help="seed of the random sample points")
+    v.add_argument("--strategies", type=_strategies, default=None, metavar="LIST",
+                   help="comma-separated proof strategies to try, of: " + ", ".join(STRATEGIES))
     v.add_argument("-v", "--verbose", action="store_true", help="show strategies tried and K instances")
     c = sub.add_parser("codegen", help="render templates/ into generated/")
     c.add_argument("rest", nargs=argparse.REMAINDER)
@@ -55,7 +67,7 @@ def main(argv=None) -> int:
         files = args.files or builtin_files()
         report = verify_paths(files, seed=DEFAULT_SEED if args.seed is None else args.seed,
                               step_timeout=args.step_timeout, timeout=args.timeout,
-                              allow_numeric=args.allow_numeric)
+                              allow_numeric=args.allow_numeric, strategies=args.strategies)
         if args.json:
             sys.stdout.write(render_json(report))
         else:

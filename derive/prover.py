@@ -44,25 +44,32 @@ CONFIRM_POINTS = 60
 DPS = 40
 
 
-class StrategyTimeout(Exception):
-    pass
+class StrategyTimeout(BaseException):
+    """Raised by the alarm.  A BaseException, so that SymPy's ``except Exception`` cannot
+    swallow it and let a runaway strategy go on."""
 
 
 @contextlib.contextmanager
 def time_limit(seconds: float | None):
-    """Raise StrategyTimeout in this block after ``seconds`` (main thread only, else no limit)."""
+    """Raise StrategyTimeout in this block after ``seconds`` (main thread only, else no limit).
+
+    The alarm repeats every 0.2 s until the block is left, in case some library code catches
+    even BaseException once."""
     if not seconds or seconds <= 0 or threading.current_thread() is not threading.main_thread():
         yield
         return
+    active = [True]
 
     def handler(signum, frame):
-        raise StrategyTimeout()
+        if active[0]:
+            raise StrategyTimeout()
 
     old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.2)
     try:
         yield
     finally:
+        active[0] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
 
@@ -306,12 +313,22 @@ def _exp_to_rational(expr, real_syms):
 # ------------------------------------------------------------------------------------------
 
 
+#: key (for --strategies) -> name shown in reports, in the order they are tried
+STRATEGIES = {
+    "algebra": "algebra (defined symbols as atoms)",
+    "domains": "domains: case split + positivity substitution + power/log expansion",
+    "expanded": "definitions expanded + exp(x)->t>0 + case split + power/log expansion",
+    "simplify": "definitions expanded + case split + simplify",
+}
+
+
 class Prover:
     """Checks steps for one derivation context."""
 
     def __init__(self, ctx, seed: int = DEFAULT_SEED, step_timeout: float = 4.0, deadline: float | None = None,
-                 instances=None, instance_symbols=None):
+                 instances=None, instance_symbols=None, strategies=None):
         self.ctx = ctx
+        self.strategies = strategies  # None: all; else a collection of keys of STRATEGIES
         self.seed = seed
         self.step_timeout = step_timeout
         self.deadline = deadline
@@ -439,12 +456,8 @@ class Prover:
                     return False
             return True
 
-        names = {"algebra": "algebra (defined symbols as atoms)",
-                 "atoms": "domains: case split + positivity substitution + power/log expansion",
-                 "expanded": "definitions expanded + exp(x)->t>0 + case split + power/log expansion",
-                 "simplify": "definitions expanded + case split + simplify"}
-        return [(names["algebra"], algebra), (names["atoms"], atoms), (names["expanded"], expanded),
-                (names["simplify"], simplified)]
+        fns = {"algebra": algebra, "domains": atoms, "expanded": expanded, "simplify": simplified}
+        return [(STRATEGIES[k], fns[k]) for k in STRATEGIES if self.strategies is None or k in self.strategies]
 
     def _limit(self, floor: float = 0.0):
         lim = max(self.step_timeout, floor)
@@ -464,11 +477,19 @@ class Prover:
         except StrategyTimeout:
             return Verdict(UNPROVED, "time limit", seconds=time.monotonic() - t0,
                            detail="resolving derivatives ran past the time limit")
+        except (RecursionError, MemoryError):
+            return Verdict(UNPROVED, "too large", seconds=time.monotonic() - t0,
+                           detail="the expression is too large to differentiate")
+        except Exception as exc:  # a SymPy failure on odd input must not crash the run
+            return Verdict(UNPROVED, "cannot differentiate", seconds=time.monotonic() - t0,
+                           detail=f"{type(exc).__name__}: {exc}"[:200])
         # 1. counterexample search
         try:
             with time_limit(self._limit(floor=2.0)):
                 _, cex, _ = self.numeric_compare(Lf, Rf, self.points(SCREEN_POINTS))
         except StrategyTimeout:
+            cex = None
+        except (RecursionError, MemoryError):
             cex = None
         if cex is not None:
             return Verdict(REFUTED, f"counterexample (mpmath, {DPS} and {2 * DPS} digits)", cex,
@@ -515,6 +536,10 @@ class Prover:
         if cex is not None:
             return Verdict(REFUTED, f"counterexample (mpmath, {DPS} and {2 * DPS} digits)", cex,
                            time.monotonic() - t0, tried=tried)
+        if any(t.endswith("time limit") for t in tried):
+            return Verdict(UNPROVED, "time limit", seconds=time.monotonic() - t0, tried=tried,
+                           detail="symbolic strategies ran out of time; numerically "
+                                  + ", ".join(notes) + " agree")
         if agree == 0:
             return Verdict(UNPROVED, "no valid sample point", seconds=time.monotonic() - t0, tried=tried,
                            detail="; ".join(tried))

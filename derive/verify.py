@@ -111,7 +111,8 @@ def _tex(expr, ctx):
 
 
 class Verifier:
-    def __init__(self, seed=DEFAULT_SEED, step_timeout=4.0, timeout=None, allow_numeric=False):
+    def __init__(self, seed=DEFAULT_SEED, step_timeout=4.0, timeout=None, allow_numeric=False, strategies=None):
+        self.strategies = strategies
         self.seed = seed
         self.step_timeout = step_timeout
         self.deadline = time.monotonic() + timeout if timeout else None
@@ -131,7 +132,7 @@ class Verifier:
         for deriv in df.derivations:
             prover = Prover(deriv.context, seed=self.seed, step_timeout=self.step_timeout,
                             deadline=self.deadline, instances=deriv.instances,
-                            instance_symbols=deriv.instance_symbols)
+                            instance_symbols=deriv.instance_symbols, strategies=self.strategies)
             self._domains(fname, deriv, prover, report)
             for chain in deriv.chains:
                 n_err = self._chain(fname, deriv, chain, prover, report, n_err)
@@ -264,12 +265,13 @@ class Verifier:
         return n_err
 
 
-def verify_paths(paths, *, seed=DEFAULT_SEED, step_timeout=4.0, timeout=None, allow_numeric=False) -> Report:
+def verify_paths(paths, *, seed=DEFAULT_SEED, step_timeout=4.0, timeout=None, allow_numeric=False,
+                 strategies=None) -> Report:
     from .loader import DerivationFileError
 
     t0 = time.monotonic()
     report = Report(seed=seed, allow_numeric=allow_numeric)
-    verifier = Verifier(seed, step_timeout, timeout, allow_numeric)
+    verifier = Verifier(seed, step_timeout, timeout, allow_numeric, strategies)
     files = []
     for p in paths:
         try:
