@@ -1,0 +1,217 @@
+"""Compile the generated C kernels into a shared library, cache it, and load it with ctypes.
+
+* The compiler is ``$CC`` if set, else the first of ``cc``, ``gcc``, ``clang`` on ``PATH``.
+* Flags: ``-std=c99 -O2 -Wall -Wextra -Werror -fPIC -shared`` (no ``-ffast-math``: the
+  kernels' error-free transforms need IEEE rounding), linked with ``-lm``.
+* The cache lives in ``$DERIVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/derive``, else
+  ``~/.cache/derive``; an entry is keyed by the SHA-256 of the source, the header, the
+  flags and the compiler's version text, so any change rebuilds.  An entry is written to a
+  temporary file and renamed into place (atomic), and an entry that fails to load or does
+  not carry the expected source digest is rebuilt.
+* Without a compiler, :class:`CompilerNotFoundError` says so; the NumPy backend still works.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+GENERATED_DIR = Path(__file__).resolve().parent.parent / "generated"
+
+CFLAGS = ("-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared")
+LDLIBS = ("-lm",)
+SOURCE = "focal_kernels.c"
+HEADER = "focal_kernels.h"
+
+
+class BuildError(RuntimeError):
+    """The C kernels could not be compiled or loaded."""
+
+
+class CompilerNotFoundError(BuildError):
+    """No C compiler was found."""
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("DERIVE_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "derive"
+
+
+def find_compiler() -> list:
+    """The compiler command as a list (``$CC`` may carry arguments)."""
+    env = os.environ.get("CC")
+    if env:
+        cmd = shlex.split(env)
+        if cmd and (shutil.which(cmd[0]) or Path(cmd[0]).is_file()):
+            return cmd
+        raise CompilerNotFoundError(
+            f"the C compiler CC={env!r} was not found; install one or unset CC "
+            "(the NumPy backend works without a compiler: backend='numpy')")
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return [path]
+    raise CompilerNotFoundError(
+        "no C compiler found (looked for $CC, cc, gcc, clang); install one to use backend='c', "
+        "or use backend='numpy', which needs none")
+
+
+def compiler_version(cmd) -> str:
+    try:
+        res = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise CompilerNotFoundError(f"cannot run the C compiler {cmd[0]!r}: {exc}") from None
+    return (res.stdout or res.stderr).strip()
+
+
+def source_digest(generated: Path = GENERATED_DIR) -> str:
+    """The digest written into the generated header (what a loaded library must report)."""
+    text = (Path(generated) / HEADER).read_text()
+    marker = '#define DERIVE_FOCAL_KERNELS_SOURCE "'
+    i = text.index(marker) + len(marker)
+    return text[i:text.index('"', i)]
+
+
+def build_key(cmd, generated: Path = GENERATED_DIR) -> str:
+    h = hashlib.sha256()
+    for name in (SOURCE, HEADER):
+        h.update((Path(generated) / name).read_bytes())
+    h.update("\0".join(CFLAGS + LDLIBS).encode())
+    h.update(compiler_version(cmd).encode())
+    h.update(sys.platform.encode())
+    return h.hexdigest()[:24]
+
+
+def _lib_suffix() -> str:
+    return ".dylib" if sys.platform == "darwin" else (".dll" if os.name == "nt" else ".so")
+
+
+def compile_library(cmd, out: Path, generated: Path = GENERATED_DIR) -> None:
+    """Compile into ``out`` atomically (a temporary file in the same folder, then rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        args = [*cmd, *CFLAGS, "-I", str(generated), str(Path(generated) / SOURCE), "-o", tmp, *LDLIBS]
+        res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            raise BuildError("compiling the C kernels failed:\n$ " + " ".join(shlex.quote(a) for a in args)
+                             + "\n" + (res.stderr or res.stdout))
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _check_loaded(lib, expected: str) -> bool:
+    try:
+        fn = lib.derive_focal_kernels_source
+    except AttributeError:
+        return False
+    fn.restype = ctypes.c_char_p
+    fn.argtypes = []
+    return fn() == expected.encode()
+
+
+_NUMPY_MODULES: dict = {}
+
+
+def load_numpy_module(generated: Path = GENERATED_DIR):
+    """The generated NumPy module (generated/focal_kernels.py), imported by path."""
+    import importlib.util
+
+    path = (Path(generated) / "focal_kernels.py").resolve()
+    mod = _NUMPY_MODULES.get(path)
+    if mod is None:
+        if not path.exists():
+            raise BuildError(f"{path} is missing: run `make codegen`")
+        spec = importlib.util.spec_from_file_location(f"derive_generated_focal_kernels_{len(_NUMPY_MODULES)}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _NUMPY_MODULES[path] = mod
+    return mod
+
+
+_LOCK = threading.Lock()
+_LOADED: dict = {}
+
+
+def library_path(generated: Path = GENERATED_DIR) -> Path:
+    """Build (if needed) and return the cached shared library's path."""
+    cmd = find_compiler()
+    key = build_key(cmd, generated)
+    path = cache_dir() / f"libderive_focal_{key}{_lib_suffix()}"
+    if not path.exists():
+        compile_library(cmd, path, generated)
+    return path
+
+
+def load(generated: Path = GENERATED_DIR) -> ctypes.CDLL:
+    """The loaded library (built on first use, cached on disk and in this process)."""
+    generated = Path(generated)
+    with _LOCK:
+        cmd = find_compiler()
+        key = build_key(cmd, generated)
+        if key in _LOADED:
+            return _LOADED[key]
+        path = cache_dir() / f"libderive_focal_{key}{_lib_suffix()}"
+        expected = source_digest(generated)
+        lib = None
+        if path.exists():
+            try:
+                lib = ctypes.CDLL(str(path))
+                if not _check_loaded(lib, expected):
+                    lib = None
+            except OSError:
+                lib = None
+            if lib is None:  # corrupt or foreign entry: rebuild it
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+        if lib is None:
+            compile_library(cmd, path, generated)
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError as exc:
+                raise BuildError(f"the C kernels were compiled but cannot be loaded: {exc}") from None
+            if not _check_loaded(lib, expected):
+                raise BuildError(f"{path} does not report source digest {expected}")
+        _declare(lib, generated)
+        _LOADED[key] = lib
+        return lib
+
+
+def _declare(lib, generated):
+    """Set argtypes/restype from the kernel table of the generated NumPy module."""
+    table = load_numpy_module(generated).KERNELS
+    c_int64_p = ctypes.POINTER(ctypes.c_int64)
+    for dt, ct in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        ptr = ctypes.POINTER(ct)
+        for name, info in table.items():
+            fn = getattr(lib, f"derive_{name}_{dt}")
+            fn.restype = ctypes.c_int
+            if info["kind"] == "elementwise":
+                args = [ctypes.c_size_t, ptr, ptr] + [ct for _ in info["params"]]
+            else:
+                args = [ctypes.c_size_t, ctypes.c_size_t, ptr, c_int64_p]
+                for p in info["params"]:
+                    args += [ptr, ct] if (p == "alpha" and info["class_alpha"]) else [ct]
+                args.append(ctypes.c_int64)
+            fn.argtypes = args + [ptr, ptr]
+
+
+__all__ = ["load", "library_path", "cache_dir", "find_compiler", "BuildError", "CompilerNotFoundError", "CFLAGS",
+           "LDLIBS", "load_numpy_module", "GENERATED_DIR"]

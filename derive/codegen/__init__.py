@@ -1,0 +1,205 @@
+"""``derive codegen``: render ``templates/`` into ``generated/`` from the proved stable forms.
+
+The expressions come from ``derive/derivations/stable_forms.toml`` (loaded and resolved by
+:mod:`derive.loader`), are reduced by one common-subexpression elimination per kernel and
+printed by SymPy's C99 and NumPy printers (:mod:`derive.codegen.printers`).  The templates
+only supply the loops, the helpers (sigmoid, softplus, xexpm1inv, error-free transforms)
+and the row reduction of the softmax kernels.
+
+Output is deterministic: the same inputs give the same bytes (checked by the tests).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+TEMPLATES_DIR = ROOT / "templates"
+GENERATED_DIR = ROOT / "generated"
+
+#: generated file -> template
+OUTPUTS = {
+    "focal_kernels.h": "focal_kernels.h.j2",
+    "focal_kernels.c": "focal_kernels.c.j2",
+    "focal_kernels.py": "focal_kernels.py.j2",
+}
+
+#: float32 kernels of the NumPy module evaluate in float64 (documented in the module):
+#: NumPy's float32 exp/log/power are vectorised approximations a few ulp off, which the
+#: powers and products of the focal terms amplify past the 2e-6 bound.
+NUMPY_F32_PROMOTED = True
+
+
+def _relpath(p: Path) -> str:
+    try:
+        return p.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return p.name
+
+
+def _digest(paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(_relpath(p).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _c_cond(var: str, dom, weight: bool = False) -> str:
+    """C condition that is true when ``var`` is *outside* the domain (or NaN/inf)."""
+    parts = [f"isfinite({var})"]
+    if dom.lo is not None:
+        parts.append(f"{var} {'>' if dom.lo_open else '>='} {float(dom.lo)!r}")
+    if dom.hi is not None:
+        parts.append(f"{var} {'<' if dom.hi_open else '<='} {float(dom.hi)!r}")
+    inside = " && ".join(parts)
+    if weight:
+        inside = f"isfinite({var}) && ({var} < 0 || ({' && '.join(parts[1:]) or '1'}))"
+    return f"!({inside})"
+
+
+def _kernel_model(prep, file):
+    from . import kernels as _k
+
+    spec = prep.spec
+    ctx = None
+    for d in file.derivations:
+        if d.id == prep.derivation:
+            ctx = d.context
+    domains = {}
+    for p in spec.params:
+        dom = ctx.domains[ctx.names[p]]
+        domains[p] = (None if dom.lo is None else float(dom.lo), dom.lo_open,
+                      None if dom.hi is None else float(dom.hi), dom.hi_open)
+    weight = getattr(spec, "weight", None)
+    model = {
+        "name": spec.name,
+        "kind": spec.kind,
+        "title": spec.title,
+        "params": list(spec.params),
+        "params_py": repr(tuple(spec.params)),
+        "domains_py": repr(domains),
+        "class_alpha": getattr(spec, "class_alpha", False),
+        "weight": weight,
+        "weight_py": repr(["alpha"] if weight else []),
+        "compensated": getattr(spec, "compensated", None),
+        "derivation": prep.derivation,
+        "exports": ", ".join(prep.export_names.values()),
+        "code": {"numpy": _k.print_numpy(prep)},
+        "c_proto": {},
+        "c_checks": [],
+        "c_row_checks": [],
+    }
+    for p in spec.params:
+        dom = ctx.domains[ctx.names[p]]
+        if getattr(spec, "class_alpha", False) and p == "alpha":
+            model["c_checks"].append(f"alpha_vec == NULL && {_c_cond('alpha', dom)}")
+            model["c_row_checks"].append(_c_cond("alpha_t", dom))
+        else:
+            model["c_checks"].append(_c_cond(p, dom, weight=(p == "alpha" and bool(weight))))
+    for dt, cfg in _k.C_CONFIGS.items():
+        model["code"][dt] = _k.print_c(prep, dt)
+        T = cfg.ctype
+        fname = f"derive_{spec.name}_{dt}"
+        if spec.kind == "elementwise":
+            args = [f"size_t n", f"const {T} *x", f"const {T} *t"] + [f"{T} {p}" for p in spec.params]
+        else:
+            args = ["size_t n", "size_t k", f"const {T} *x", "const int64_t *target"]
+            for p in spec.params:
+                if p == "alpha" and spec.class_alpha:
+                    args += [f"const {T} *alpha_vec", f"{T} alpha"]
+                else:
+                    args.append(f"{T} {p}")
+            args.append("int64_t ignore_index")
+        args += [f"{T} *loss", f"{T} *grad"]
+        model["c_proto"][dt] = f"int {fname}({', '.join(args)})"
+    return model
+
+
+def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR) -> dict:
+    """Render every output; returns {file name: text}."""
+    import jinja2
+    import sympy
+
+    from . import kernels as _k
+
+    derivations = Path(derivations) if derivations is not None else _k.STABLE_FORMS
+    file, preps = _k.load_kernels(derivations)
+    template_paths = [templates / t for t in OUTPUTS.values()]
+    digest = _digest([derivations, *template_paths])
+    models = [_kernel_model(p, file) for p in preps]
+    dtypes = [
+        {"dtype": dt, "ctype": cfg.ctype, "suffix": cfg.suffix, "max_name": cfg.max_name,
+         "name": "float32" if dt == "f32" else "float64", "promote": dt == "f32" and NUMPY_F32_PROMOTED}
+        for dt, cfg in _k.C_CONFIGS.items()
+    ]
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    out = {}
+    for name, tmpl in OUTPUTS.items():
+        header = (f"generated by derive from {_relpath(derivations)} and templates/{tmpl} "
+                  f"(SymPy {sympy.__version__}, source digest {digest}), do not edit")
+        text = env.get_template(tmpl).render(
+            header=header, kernels=models, dtypes=dtypes, source_digest=digest,
+            derivations_path=_relpath(derivations), f32_promoted=NUMPY_F32_PROMOTED,
+        )
+        out[name] = text
+    return out
+
+
+def write_all(out_dir: Path = GENERATED_DIR, **kw) -> list:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    changed = []
+    for name, text in render_all(**kw).items():
+        path = out_dir / name
+        data = text.encode("utf-8")
+        if not path.exists() or path.read_bytes() != data:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+            changed.append(name)
+    return changed
+
+
+def check_all(out_dir: Path = GENERATED_DIR, **kw) -> list:
+    """Names of generated files that differ from a fresh rendering (empty: up to date)."""
+    stale = []
+    for name, text in render_all(**kw).items():
+        path = Path(out_dir) / name
+        if not path.exists() or path.read_bytes() != text.encode("utf-8"):
+            stale.append(name)
+    return stale
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="derive codegen", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=GENERATED_DIR, help="output folder (default: generated/)")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if the output folder differs from a fresh rendering")
+    args = parser.parse_args(argv)
+    try:
+        if args.check:
+            stale = check_all(args.out)
+            for name in stale:
+                print(f"{_relpath(args.out / name)} is out of date: run `make codegen`", file=sys.stderr)
+            if not stale:
+                print(f"{_relpath(args.out)}: up to date")
+            return 1 if stale else 0
+        changed = write_all(args.out)
+    except Exception as exc:  # the loader's and SymPy's errors, shown as one line
+        print(f"derive codegen: {exc}", file=sys.stderr)
+        return 2
+    for name in OUTPUTS:
+        print(f"{'wrote' if name in changed else 'unchanged'} {_relpath(Path(args.out) / name)}")
+    return 0
+
+
+__all__ = ["main", "render_all", "write_all", "check_all", "OUTPUTS", "GENERATED_DIR", "TEMPLATES_DIR", "ROOT"]

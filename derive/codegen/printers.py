@@ -1,0 +1,169 @@
+"""Code printers: one per backend, each next to its configuration.
+
+SymPy's own printers do the work (``C99CodePrinter`` with a float32/float64 type alias, so
+that ``exp`` becomes ``expf`` and literals get an ``F`` in float32; ``NumPyPrinter`` for the
+NumPy module).  The subclasses only add the functions SymPy does not know: ``sigmoid``,
+``softplus`` and ``xexpm1inv`` become calls to small helpers defined once in each template, so
+that ``softplus`` is printed as a softplus, never as ``log(1 + exp(...))``.  ``log1p`` and
+``expm1`` are SymPy's and print as themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+from sympy.codegen.ast import float32, float64, real
+from sympy.printing.c import C99CodePrinter
+from sympy.printing.numpy import NumPyPrinter
+
+
+#: Symbols the templates supply whose values may be huge (logits, u = log p_t, z).
+UNBOUNDED_NAMES = frozenset({"xi", "u", "zh", "zl"})
+
+
+def magnitude_rank(expr, ranks=None) -> int:
+    """0: in [0, 1] (sigmoid, its powers, e^u with u <= 0); 1: moderate (parameters, labels,
+    numbers); 2: possibly huge (softplus, xexpm1inv, logits, u).
+
+    Products are printed in increasing rank so that C and NumPy, which multiply left to
+    right, form 0*gamma before multiplying by a huge softplus: 0*(gamma*huge) could be
+    0*inf = NaN, (0*gamma)*huge is 0.
+    """
+    ranks = ranks or {}
+    if expr in ranks:
+        return ranks[expr]
+    if expr.is_Number:
+        return 1
+    if expr.is_Symbol:
+        return 2 if expr.name in UNBOUNDED_NAMES else 1
+    name = type(expr).__name__
+    if name == "sigmoid" or (name == "exp" and _rank_arg(expr, ranks) <= 2):
+        return 0
+    if name in ("softplus", "xexpm1inv", "log", "log1p"):
+        return 2
+    if expr.is_Pow:
+        base = magnitude_rank(expr.base, ranks)
+        return 0 if base == 0 and not expr.exp.is_negative else max(base, 1)
+    return max((magnitude_rank(a, ranks) for a in expr.args), default=1)
+
+
+def _rank_arg(expr, ranks):
+    # exp only appears as e^u with u = log p_t <= 0 in the kernels
+    return 0 if expr.args[0].is_Symbol and expr.args[0].name == "u" else 3
+
+
+class _SafeMulMixin:
+    """Print products in increasing magnitude rank (see :func:`magnitude_rank`)."""
+
+    ranks: dict = {}
+
+    def _print_Mul(self, expr):
+        from sympy.printing.precedence import precedence
+
+        coeff, factors = expr.as_coeff_mul()
+        sign = ""
+        if coeff.is_negative:
+            sign, coeff = "-", -coeff
+        num, den = [], []
+        for f in factors:
+            if f.is_Pow and f.exp.is_Integer and f.exp.is_negative:
+                den.append(f.base ** (-f.exp))
+            else:
+                num.append(f)
+        if coeff != 1:
+            if coeff.is_Integer or not coeff.is_Rational:
+                num.insert(0, coeff)
+            else:
+                num.insert(0, coeff.p) if coeff.p != 1 else None
+                den.insert(0, sp.Integer(coeff.q))
+        num = sorted(num, key=lambda f: magnitude_rank(f, self.ranks))  # stable: keeps SymPy's order within a rank
+        prec = precedence(expr)
+        text = "*".join(self.parenthesize(f, prec) for f in num) if num else "1"
+        if den:
+            d = "*".join(self.parenthesize(f, prec) for f in den)
+            text = "%s/%s" % (text, d if len(den) == 1 and not den[0].is_Mul else "(%s)" % d)
+        return sign + text
+
+
+@dataclass(frozen=True)
+class CConfig:
+    """How one floating type is spelt in C."""
+
+    dtype: str  # "f32" / "f64"
+    ctype: str  # "float" / "double"
+    suffix: str  # suffix of the helpers and of the libm functions: "f" / ""
+    max_name: str  # FLT_MAX / DBL_MAX
+
+
+C_CONFIGS = {
+    "f32": CConfig("f32", "float", "f", "FLT_MAX"),
+    "f64": CConfig("f64", "double", "", "DBL_MAX"),
+}
+
+
+class KernelCPrinter(_SafeMulMixin, C99CodePrinter):
+    """C99 for one floating type; derive's functions go to the template's inline helpers."""
+
+    def __init__(self, config: CConfig):
+        alias = float32 if config.dtype == "f32" else float64
+        super().__init__({"type_aliases": {real: alias}, "strict": True})
+        self.config = config
+
+    def _helper(self, name, expr):
+        return "derive_%s%s(%s)" % (name, self.config.suffix, self._print(expr.args[0]))
+
+    def _print_sigmoid(self, expr):
+        return self._helper("sigmoid", expr)
+
+    def _print_softplus(self, expr):
+        return self._helper("softplus", expr)
+
+    def _print_xexpm1inv(self, expr):
+        return self._helper("xexpm1inv", expr)
+
+    def _print_D(self, expr):  # pragma: no cover - a derivative can never reach a kernel
+        raise ValueError("an unresolved derivative D(...) cannot be printed as code")
+
+
+class KernelNumPyPrinter(_SafeMulMixin, NumPyPrinter):
+    """NumPy expressions (module alias ``numpy``); helpers are module-level functions."""
+
+    def __init__(self):
+        super().__init__({"fully_qualified_modules": True, "strict": True})
+
+    def _helper(self, name, expr):
+        return "_%s(%s)" % (name, self._print(expr.args[0]))
+
+    def _print_sigmoid(self, expr):
+        return self._helper("sigmoid", expr)
+
+    def _print_softplus(self, expr):
+        return self._helper("softplus", expr)
+
+    def _print_xexpm1inv(self, expr):
+        return self._helper("xexpm1inv", expr)
+
+    def _print_Pow(self, expr, rational=False):
+        # numpy.power keeps pow(0, 0) = 1, which gamma = 0 needs.
+        base, exp = expr.as_base_exp()
+        if exp.is_Integer and exp == -1:
+            return "1/%s" % self.parenthesize(base, 1000)
+        return "numpy.power(%s, %s)" % (self._print(base), self._print(exp))
+
+    def _print_D(self, expr):  # pragma: no cover
+        raise ValueError("an unresolved derivative D(...) cannot be printed as code")
+
+
+def c_printer(dtype: str, ranks=None) -> KernelCPrinter:
+    p = KernelCPrinter(C_CONFIGS[dtype])
+    p.ranks = dict(ranks or {})
+    return p
+
+
+def numpy_printer(ranks=None) -> KernelNumPyPrinter:
+    p = KernelNumPyPrinter()
+    p.ranks = dict(ranks or {})
+    return p
+
+
+__all__ = ["magnitude_rank", "CConfig", "C_CONFIGS", "KernelCPrinter", "KernelNumPyPrinter", "c_printer", "numpy_printer", "sp"]

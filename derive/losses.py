@@ -1,0 +1,346 @@
+"""Focal losses from the proved kernels, with the signatures torchvision users know.
+
+Every function takes NumPy arrays (or anything ``numpy.asarray`` accepts) of float32 or
+float64 logits, and returns the loss (and, with ``return_grad=True``, its gradient with
+respect to the logits) in the logits' dtype, computed in one fused pass by the generated
+kernels:
+
+* ``backend="c"``: the generated C library (compiled on first use and cached, see
+  :mod:`derive.cbuild`); ``backend="numpy"``: the generated NumPy module;
+  ``backend="auto"`` (default): C when a compiler is available, else NumPy.
+* ``reduction``: ``"none"`` (per element / per row), ``"sum"`` or ``"mean"``.  With
+  ``return_grad=True`` the gradient is that of the reduced loss (for ``"none"``: of each
+  element's loss with respect to its own logits, i.e. the backward pass with ones).
+  Softmax ``"mean"`` divides by the number of rows whose target is not ``ignore_index``
+  (as ``torch.nn.functional.cross_entropy`` does); a mean over nothing is 0, not NaN.
+
+Binary labels are 0 or 1 (any numeric or bool dtype); softmax targets are integer class
+indices, or ``ignore_index`` for rows that get zero loss and zero gradient.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import cbuild
+
+__all__ = [
+    "sigmoid_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "binary_focal_loss",
+    "sigmoid_focal_loss",
+    "focal_loss_star",
+    "softmax_cross_entropy",
+    "softmax_focal_loss",
+    "available_backends",
+]
+
+_REDUCTIONS = ("none", "sum", "mean")
+_BACKENDS = ("auto", "c", "numpy")
+_DTYPES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+
+
+# ------------------------------------------------------------------------------------------
+# argument checks: each error names the argument
+
+
+def _logits(inputs, name="inputs"):
+    arr = np.asarray(inputs)
+    if arr.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr)
+
+
+def _binary_labels(targets, x, name="targets"):
+    arr = np.asarray(targets)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold numeric labels 0 or 1, got dtype {arr.dtype}")
+    if arr.shape != x.shape:
+        raise ValueError(f"{name} has shape {arr.shape}, but inputs has shape {x.shape}")
+    if arr.size and not np.all((arr == 0) | (arr == 1)):
+        bad = arr[~((arr == 0) | (arr == 1))].flat[0]
+        raise ValueError(f"{name} must hold labels 0 or 1, found {bad!r}")
+    return np.ascontiguousarray(arr, dtype=x.dtype)
+
+
+def _scalar(name, value):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _in_domain(value, dom):
+    lo, lo_open, hi, hi_open = dom
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        return False
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        return False
+    return True
+
+
+def _describe(dom):
+    lo, lo_open, hi, hi_open = dom
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+    return " and ".join(parts) or "finite"
+
+
+def _param(kernel_info, name, value, allow_off=False):
+    """A scalar parameter checked against its domain in the derivation file."""
+    value = _scalar(name, value)
+    if allow_off and value < 0:
+        return value
+    dom = kernel_info["domains"][name]
+    if not _in_domain(value, dom):
+        extra = " (or negative for no weighting)" if allow_off else ""
+        raise ValueError(f"{name} must be {_describe(dom)}{extra}, got {value:g}")
+    return value
+
+
+def _reduction(reduction):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}, got {reduction!r}")
+    return reduction
+
+
+def _backend(backend):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
+    if backend == "auto":
+        try:
+            cbuild.load()
+        except cbuild.BuildError:
+            return "numpy"
+        return "c"
+    return backend
+
+
+def available_backends():
+    """The backends that work here: always "numpy", and "c" when the C library builds."""
+    out = ["numpy"]
+    try:
+        cbuild.load()
+        out.insert(0, "c")
+    except cbuild.BuildError:
+        pass
+    return out
+
+
+def _info(name):
+    return cbuild.load_numpy_module().KERNELS[name]
+
+
+# ------------------------------------------------------------------------------------------
+# calling the kernels
+
+
+def _ptr(arr, ct):
+    import ctypes
+
+    return arr.ctypes.data_as(ctypes.POINTER(ct)) if arr is not None else None
+
+
+def _call_elementwise(name, x, t, params, backend, want_grad):
+    dt = _DTYPES[x.dtype]
+    if backend == "numpy":
+        fn = getattr(cbuild.load_numpy_module(), f"{name}_{dt}")
+        typed = [x.dtype.type(p) for p in params]
+        loss, grad = fn(x, t, *typed)
+        return loss, (grad if want_grad else None)
+    import ctypes
+
+    lib = cbuild.load()
+    ct = ctypes.c_float if dt == "f32" else ctypes.c_double
+    flat_x, flat_t = x.reshape(-1), t.reshape(-1)
+    loss = np.empty_like(flat_x)
+    grad = np.empty_like(flat_x) if want_grad else None
+    rc = getattr(lib, f"derive_{name}_{dt}")(flat_x.size, _ptr(flat_x, ct), _ptr(flat_t, ct), *params,
+                                              _ptr(loss, ct), _ptr(grad, ct))
+    if rc != 0:
+        raise ValueError(f"the C kernel {name} rejected its arguments (code {rc})")
+    return loss.reshape(x.shape), (grad.reshape(x.shape) if want_grad else None)
+
+
+def _call_rowwise(name, x, target, alpha_vec, params, ignore_index, backend, want_grad):
+    dt = _DTYPES[x.dtype]
+    info = _info(name)
+    if backend == "numpy":
+        fn = getattr(cbuild.load_numpy_module(), f"{name}_{dt}")
+        args = []
+        for pname, p in zip(info["params"], params):
+            if pname == "alpha" and info["class_alpha"] and alpha_vec is not None:
+                args.append(alpha_vec)
+            else:
+                args.append(x.dtype.type(p))
+        loss, grad = fn(x, target, *args, ignore_index)
+        return loss, (grad if want_grad else None)
+    import ctypes
+
+    lib = cbuild.load()
+    ct = ctypes.c_float if dt == "f32" else ctypes.c_double
+    n, k = x.shape
+    loss = np.empty(n, dtype=x.dtype)
+    grad = np.empty_like(x) if want_grad else None
+    args = []
+    for pname, p in zip(info["params"], params):
+        if pname == "alpha" and info["class_alpha"]:
+            args += [_ptr(alpha_vec, ct), p]
+        else:
+            args.append(p)
+    rc = getattr(lib, f"derive_{name}_{dt}")(n, k, _ptr(x, ct), _ptr(target, ctypes.c_int64), *args,
+                                              ignore_index, _ptr(loss, ct), _ptr(grad, ct))
+    if rc != 0:
+        raise ValueError(f"the C kernel {name} rejected its arguments (code {rc})")
+    return loss, grad
+
+
+def _reduce(loss, grad, reduction, count, return_grad):
+    if reduction == "none":
+        out = loss
+    else:
+        total = loss.dtype.type(np.sum(loss, dtype=np.float64))
+        if reduction == "sum":
+            out = total
+        else:
+            out = loss.dtype.type(total / count) if count else loss.dtype.type(0)
+            if grad is not None and count:
+                grad = grad / grad.dtype.type(count)
+    return (out, grad) if return_grad else out
+
+
+def _elementwise(name, inputs, targets, params, reduction, backend, return_grad):
+    reduction = _reduction(reduction)
+    x = _logits(inputs)
+    t = _binary_labels(targets, x)
+    backend = _backend(backend)
+    loss, grad = _call_elementwise(name, x, t, params, backend, return_grad)
+    return _reduce(loss, grad, reduction, x.size, return_grad)
+
+
+# ------------------------------------------------------------------------------------------
+# sigmoid family
+
+
+def sigmoid_cross_entropy(inputs, targets, reduction="none", *, backend="auto", return_grad=False):
+    """-log p_t with p_t = sigmoid(x) for label 1 and 1 - sigmoid(x) for label 0."""
+    return _elementwise("sigmoid_ce", inputs, targets, (), reduction, backend, return_grad)
+
+
+def binary_cross_entropy_with_logits(inputs, targets, reduction="mean", *, backend="auto", return_grad=False):
+    """torch.nn.functional.binary_cross_entropy_with_logits (labels 0/1, no weights)."""
+    return sigmoid_cross_entropy(inputs, targets, reduction, backend=backend, return_grad=return_grad)
+
+
+def binary_focal_loss(inputs, targets, gamma=2.0, reduction="none", *, backend="auto", return_grad=False):
+    """-(1 - p_t)^gamma log p_t (the note's focal loss, no alpha weighting)."""
+    info = _info("sigmoid_focal")
+    gamma = _param(info, "gamma", gamma)
+    return _elementwise("sigmoid_focal", inputs, targets, (gamma,), reduction, backend, return_grad)
+
+
+def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none", *, backend="auto",
+                       return_grad=False):
+    """torchvision.ops.sigmoid_focal_loss: alpha_t*(1 - p_t)^gamma*CE, alpha < 0 means no weighting."""
+    info = _info("sigmoid_focal_alpha")
+    alpha = _param(info, "alpha", alpha, allow_off=True)
+    gamma = _param(info, "gamma", gamma)
+    return _elementwise("sigmoid_focal_alpha", inputs, targets, (alpha, gamma), reduction, backend, return_grad)
+
+
+def focal_loss_star(inputs, targets, gamma=2.0, beta=1.0, reduction="none", *, backend="auto", return_grad=False):
+    """FL* of Lin et al.: -log(sigmoid(gamma*x_t + beta))/gamma, gamma > 0."""
+    info = _info("focal_star")
+    gamma = _param(info, "gamma", gamma)
+    beta = _param(info, "beta", beta)
+    return _elementwise("focal_star", inputs, targets, (gamma, beta), reduction, backend, return_grad)
+
+
+# ------------------------------------------------------------------------------------------
+# softmax family
+
+
+def _class_targets(targets, x, ignore_index, name="targets"):
+    arr = np.asarray(targets)
+    if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "b" and False):
+        raise TypeError(f"{name} must be an integer array of class indices, got dtype {arr.dtype}")
+    n, k = x.shape
+    if arr.shape != (n,):
+        raise ValueError(f"{name} has shape {arr.shape}, but inputs has {n} rows: expected ({n},)")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds {arr.max()}, outside [0, {k})")
+    arr = arr.astype(np.int64)
+    bad = (arr != ignore_index) & ((arr < 0) | (arr >= k))
+    if np.any(bad):
+        raise ValueError(f"{name} must hold class indices in [0, {k}) or ignore_index={ignore_index}, "
+                         f"found {arr[bad][0]}")
+    return np.ascontiguousarray(arr)
+
+
+def _softmax_logits(inputs):
+    x = _logits(inputs)
+    if x.ndim != 2:
+        raise ValueError(f"inputs must be 2-D (N, K) logits, got shape {x.shape}")
+    if x.shape[1] == 0:
+        raise ValueError("inputs must have at least one class (K >= 1)")
+    return x
+
+
+def _ignore_index(ignore_index):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (numbers.Integral, np.integer)):
+        raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}")
+    ignore_index = int(ignore_index)
+    if not np.iinfo(np.int64).min <= ignore_index <= np.iinfo(np.int64).max:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    return ignore_index
+
+
+def _rowwise(name, inputs, targets, alpha_vec, params, ignore_index, reduction, backend, return_grad):
+    reduction = _reduction(reduction)
+    x = _softmax_logits(inputs)
+    ignore_index = _ignore_index(ignore_index)
+    t = _class_targets(targets, x, ignore_index)
+    backend = _backend(backend)
+    loss, grad = _call_rowwise(name, x, t, alpha_vec, params, ignore_index, backend, return_grad)
+    return _reduce(loss, grad, reduction, int(np.count_nonzero(t != ignore_index)), return_grad)
+
+
+def softmax_cross_entropy(inputs, targets, ignore_index=-100, reduction="none", *, backend="auto",
+                          return_grad=False):
+    """-log softmax(x)[t] per row of (N, K) logits; rows with target == ignore_index give 0."""
+    return _rowwise("softmax_ce", inputs, targets, None, (), ignore_index, reduction, backend, return_grad)
+
+
+def softmax_focal_loss(inputs, targets, alpha=None, gamma=2.0, ignore_index=-100, reduction="none", *,
+                       backend="auto", return_grad=False):
+    """-alpha_t (1 - p_t)^gamma log p_t with p = softmax(x) per row; alpha is None (1), a scalar,
+    or one weight per class."""
+    info = _info("softmax_focal")
+    gamma = _param(info, "gamma", gamma)
+    x_dtype = np.asarray(inputs).dtype
+    alpha_vec = None
+    if alpha is None:
+        alpha = 1.0
+    elif np.ndim(alpha) == 0:
+        alpha = _param(info, "alpha", alpha)
+    else:
+        arr = np.asarray(alpha)
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"alpha must be a number or an array of per-class weights, got dtype {arr.dtype}")
+        k = np.shape(inputs)[-1] if np.ndim(inputs) == 2 else None
+        if arr.ndim != 1 or (k is not None and arr.shape[0] != k):
+            raise ValueError(f"alpha must be a scalar or have shape ({k},) (one weight per class), got {arr.shape}")
+        dom = info["domains"]["alpha"]
+        ok = np.isfinite(arr) & np.array([_in_domain(float(a), dom) for a in arr.ravel()], dtype=bool)
+        if not np.all(ok):
+            raise ValueError(f"alpha must be {_describe(dom)} for every class, found {arr[~ok][0]!r}")
+        alpha_vec = np.ascontiguousarray(arr, dtype=x_dtype if x_dtype in _DTYPES else np.float64)
+        alpha = 1.0
+    return _rowwise("softmax_focal", inputs, targets, alpha_vec, (alpha, gamma), ignore_index, reduction, backend,
+                    return_grad)
