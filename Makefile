@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv verify test codegen accuracy bench clean
+.PHONY: venv verify test codegen accuracy bench docs fuzz clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,13 @@ accuracy: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m derive.bench
+
+docs: $(STAMP)
+	$(PY) -m derive.docs
+
+# the property-based fuzz of the parser, loader and verifier, with many more examples than `make test`
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-3000} $(PY) -m pytest -q tests/test_fuzz_files.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -49,13 +49,20 @@ class StrategyTimeout(BaseException):
     swallow it and let a runaway strategy go on."""
 
 
+_ALARM_ACTIVE = [False]
+
+
 @contextlib.contextmanager
 def time_limit(seconds: float | None):
-    """Raise StrategyTimeout in this block after ``seconds`` (main thread only, else no limit).
+    """Raise StrategyTimeout in this block after ``seconds``.
 
-    The alarm repeats every 0.2 s until the block is left, in case some library code catches
-    even BaseException once."""
-    if not seconds or seconds <= 0 or threading.current_thread() is not threading.main_thread():
+    ``None`` means no limit; a limit already spent raises at once.  Only the main thread can
+    take signals; elsewhere the block runs unbounded.  Nested blocks run under the outer
+    alarm.  The alarm repeats every 0.2 s until the block is left, in case library code
+    catches even BaseException once."""
+    if seconds is not None and seconds <= 0:
+        raise StrategyTimeout()
+    if seconds is None or _ALARM_ACTIVE[0] or threading.current_thread() is not threading.main_thread():
         yield
         return
     active = [True]
@@ -65,6 +72,7 @@ def time_limit(seconds: float | None):
             raise StrategyTimeout()
 
     old = signal.signal(signal.SIGALRM, handler)
+    _ALARM_ACTIVE[0] = True
     signal.setitimer(signal.ITIMER_REAL, seconds, 0.2)
     try:
         yield
@@ -72,6 +80,7 @@ def time_limit(seconds: float | None):
         active[0] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        _ALARM_ACTIVE[0] = False
 
 
 @dataclass
@@ -550,17 +559,26 @@ class Prover:
     def check_domain(self, sym) -> Verdict:
         """Prove that a definition takes values in its declared domain."""
         t0 = time.monotonic()
+        try:
+            return self._check_domain(sym, t0)
+        except StrategyTimeout:
+            return Verdict(UNPROVED, "time limit", seconds=time.monotonic() - t0)
+
+    def _outside(self, expr, dom, v, pt, t0):
+        return Verdict(REFUTED, "value outside the declared domain", {
+            "point": {s.name: str(pt[s]) for s in sorted(expr.free_symbols, key=lambda s: s.name)},
+            "lhs": mpmath.nstr(v, 12), "rhs": dom.pretty()}, time.monotonic() - t0)
+
+    def _check_domain(self, sym, t0) -> Verdict:
         dom = self.ctx.domains[sym]
         expr = self.ctx.expand(self.ctx.definitions[sym])
         # numeric first: a value outside the domain refutes the declaration
-        with mpmath.workdps(DPS):
+        with time_limit(self._limit(floor=2.0)), mpmath.workdps(DPS):
             prep = _prepare_numeric(expr)
             for pt in self.points(SCREEN_POINTS):
                 v = _eval(prep, pt)
                 if v is not None and not dom.contains(v):
-                    return Verdict(REFUTED, "value outside the declared domain", {
-                        "point": {s.name: str(pt[s]) for s in sorted(expr.free_symbols, key=lambda s: s.name)},
-                        "lhs": mpmath.nstr(v, 12), "rhs": dom.pretty()}, time.monotonic() - t0)
+                    return self._outside(expr, dom, v, pt, t0)
         if dom.is_finite:
             return Verdict(UNPROVED, "finite domains of definitions are not proved", seconds=time.monotonic() - t0)
         conds = []
@@ -568,6 +586,7 @@ class Prover:
             conds.append((expr - dom.lo, dom.lo_open))
         if dom.hi is not None:
             conds.append((dom.hi - expr, dom.hi_open))
+        proved = True
         try:
             with time_limit(self._limit()):
                 for case in self._case_values(expr.free_symbols):
@@ -577,24 +596,31 @@ class Prover:
                         reals = [s for s in e.free_symbols if not isinstance(s, sp.Dummy) and s.is_real]
                         e, _ = _exp_to_rational(e, reals)
                         e = sp.factor(sp.cancel(sp.together(e)))
-                        ok = e.is_positive if strict else e.is_nonnegative
-                        if not ok:
-                            return self._domain_confirm(sym, expr, dom, t0)
+                        if not (e.is_positive if strict else e.is_nonnegative):
+                            proved = False
         except StrategyTimeout:
+            proved = False
+        except Exception:  # SymPy failure: fall back to numeric evidence
+            proved = False
+        if not proved:
             return self._domain_confirm(sym, expr, dom, t0)
         self.proved_domains.add(sym)
         return Verdict(PROVED, "case split + exp(x)->t>0 + sign of factored form", seconds=time.monotonic() - t0)
 
     def _domain_confirm(self, sym, expr, dom, t0):
-        with mpmath.workdps(DPS):
+        try:
+            return self._domain_confirm_points(sym, expr, dom, t0)
+        except StrategyTimeout:
+            return Verdict(UNPROVED, "time limit", seconds=time.monotonic() - t0)
+
+    def _domain_confirm_points(self, sym, expr, dom, t0):
+        with time_limit(self._limit(floor=2.0)), mpmath.workdps(DPS):
             prep = _prepare_numeric(expr)
             n = 0
             for pt in self.points(CONFIRM_POINTS):
                 v = _eval(prep, pt)
                 if v is not None:
                     if not dom.contains(v):
-                        return Verdict(REFUTED, "value outside the declared domain", {
-                            "point": {s.name: str(pt[s]) for s in sorted(expr.free_symbols, key=lambda s: s.name)},
-                            "lhs": mpmath.nstr(v, 12), "rhs": dom.pretty()}, time.monotonic() - t0)
+                        return self._outside(expr, dom, v, pt, t0)
                     n += 1
         return Verdict(CONFIRMED, f"{n} sample points inside the domain", seconds=time.monotonic() - t0)

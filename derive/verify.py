@@ -165,20 +165,27 @@ class Verifier:
                     "declared domain not proved: proofs treat this symbol as an unconstrained real"))
 
     def _instances(self, prover, lhs, rhs, check):
+        """Numeric confirmation of a step for each concrete instance (e.g. K = 2, 3, 7 classes)."""
+        from .prover import StrategyTimeout, time_limit
+
         if not prover.instances or check.verdict.status == REFUTED:
             return
-        Lf = prover.ctx.expand(prover.resolver.resolve(lhs))
-        Rf = prover.ctx.expand(prover.resolver.resolve(rhs))
-        for name in sorted(prover.instances):
-            vals = prover.instances[name]
-            agree, cex, _ = prover.numeric_compare(Lf.xreplace(vals), Rf.xreplace(vals),
-                                                   prover.instance_points(name, 8))
-            if cex is not None:
-                check.status = FAIL
-                check.message = f"instance {name} disagrees: {cex}"
-                check.instances[name] = f"counterexample {cex}"
-            else:
-                check.instances[name] = f"{agree} points agree"
+        try:
+            with time_limit(prover._limit(floor=2.0)):
+                Lf = prover.ctx.expand(prover.resolver.resolve(lhs))
+                Rf = prover.ctx.expand(prover.resolver.resolve(rhs))
+                for name in sorted(prover.instances):
+                    vals = prover.instances[name]
+                    agree, cex, _ = prover.numeric_compare(Lf.xreplace(vals), Rf.xreplace(vals),
+                                                           prover.instance_points(name, 8))
+                    if cex is not None:
+                        check.status = FAIL
+                        check.message = f"instance {name} disagrees: {cex}"
+                        check.instances[name] = f"counterexample {cex}"
+                    else:
+                        check.instances[name] = f"{agree} points agree"
+        except StrategyTimeout:
+            check.instances["time limit"] = "instances not all checked"
 
     def _chain(self, fname, deriv, chain, prover, report, n_err):
         ctx = deriv.context
