@@ -5,8 +5,6 @@ The expressions are printed by SymPy from the proved last lines of the chains in
 derive/derivations/stable_forms.toml; this module imports numpy only.  Each kernel has an _f32 and
 an _f64 variant and returns (loss, grad).  Arguments are not checked here: derive.losses
 checks them (with the parameter domains in KERNELS, which come from the same file).
-float32 kernels evaluate in float64 and round once at the end: NumPy's float32
-transcendental functions are not accurate enough for the 2e-6 bound.
 """
 import numpy
 
@@ -137,38 +135,115 @@ def _full(value, like):
 
 def sigmoid_ce_f32(x, t):
     """sigmoid cross-entropy (binary_cross_entropy_with_logits) (float32): (loss, d loss / d x), elementwise; t holds 0/1 labels."""
-    loss, grad = sigmoid_ce_f64(x.astype(numpy.float64), t)
-    return loss.astype(numpy.float32), grad.astype(numpy.float32)
+    with numpy.errstate(all="ignore"):
+        xi = x
+        ti = (t != 0).astype(x.dtype)
+        c0 = 2*ti - 1
+        c1 = -c0*xi
+        loss = _full(_softplus(c1), xi)
+        grad = _full(-_sigmoid(c1)*c0, xi)
+    return loss, grad
 
 
 def sigmoid_focal_f32(x, t, gamma):
     """sigmoid focal loss -(1 - p_t)^gamma log p_t (float32): (loss, d loss / d x), elementwise; t holds 0/1 labels."""
-    loss, grad = sigmoid_focal_f64(x.astype(numpy.float64), t, numpy.float64(gamma))
-    return loss.astype(numpy.float32), grad.astype(numpy.float32)
+    with numpy.errstate(all="ignore"):
+        xi = x
+        ti = (t != 0).astype(x.dtype)
+        c0 = 2*ti - 1
+        c1 = c0*xi
+        c2 = -c1
+        c3 = _softplus(c2)
+        c4 = _sigmoid(c2)
+        c5 = numpy.power(c4, gamma)
+        loss = _full(c5*c3, xi)
+        grad = _full(-c5*c0*(_sigmoid(c1)*gamma*c3 + c4), xi)
+    return loss, grad
 
 
 def sigmoid_focal_alpha_f32(x, t, alpha, gamma):
     """alpha-balanced sigmoid focal loss (torchvision, Detectron; alpha < 0: no weighting) (float32): (loss, d loss / d x), elementwise; t holds 0/1 labels."""
-    loss, grad = sigmoid_focal_alpha_f64(x.astype(numpy.float64), t, numpy.float64(alpha), numpy.float64(gamma))
-    return loss.astype(numpy.float32), grad.astype(numpy.float32)
+    with numpy.errstate(all="ignore"):
+        xi = x
+        ti = (t != 0).astype(x.dtype)
+        alpha_t = x.dtype.type(1) if alpha < 0 else alpha*ti + (1 - alpha)*(1 - ti)
+        c0 = 2*ti - 1
+        c1 = c0*xi
+        c2 = -c1
+        c3 = _softplus(c2)
+        c4 = _sigmoid(c2)
+        c5 = numpy.power(c4, gamma)*alpha_t
+        loss = _full(c5*c3, xi)
+        grad = _full(-c0*c5*(_sigmoid(c1)*gamma*c3 + c4), xi)
+    return loss, grad
 
 
 def focal_star_f32(x, t, gamma, beta):
     """FL*: -log(sigmoid(gamma*x_t + beta))/gamma (gamma > 0) (float32): (loss, d loss / d x), elementwise; t holds 0/1 labels."""
-    loss, grad = focal_star_f64(x.astype(numpy.float64), t, numpy.float64(gamma), numpy.float64(beta))
-    return loss.astype(numpy.float32), grad.astype(numpy.float32)
+    with numpy.errstate(all="ignore"):
+        xi = x
+        ti = (t != 0).astype(x.dtype)
+        zh, zl = _prodsum_f32(gamma, (2*ti - 1)*xi, beta)
+        c0 = 1/(gamma)
+        c1 = -zh
+        c2 = _sigmoid(c1)
+        c3 = c2*(2*ti - 1)
+        loss = _full(-c2*c0*zl + c0*_softplus(c1), xi)
+        grad = _full(c3*(1 - c2)*zl - c3, xi)
+    return loss, grad
 
 
 def softmax_ce_f32(x, target, ignore_index):
     """softmax cross-entropy with an ignore label (float32): (loss per row, d loss / d x); x is (N, K), target (N,) integers."""
-    loss, grad = softmax_ce_f64(x.astype(numpy.float64), target, ignore_index)
-    return loss.astype(numpy.float32), grad.astype(numpy.float32)
+    n, k = x.shape
+    with numpy.errstate(all="ignore"):
+        valid = target != ignore_index
+        tt = numpy.where(valid, target, 0)
+        rows = numpy.arange(n)
+        am = numpy.argmax(x, axis=1)
+        m = x[rows, am]
+        # e_j = e^(x_j - m) <= 1; the maximum's term is exactly 1 and log S = log1p(rest)
+        e = _expdiff(x, m[:, None])
+        e[rows, am] = 0
+        rest = numpy.sum(e, axis=1)
+        e[rows, am] = 1
+        dhi, dlo = _twodiff(x[rows, tt], m)
+        u = numpy.maximum((dhi - numpy.log1p(rest)) + dlo, -_MAX["f32"])
+        loss = _full(-u, u)
+        coef = _full(1, u)
+        grad = (coef / (1 + rest))[:, None] * e
+        grad[rows, tt] = coef * numpy.expm1(u)
+        loss = numpy.where(valid, loss, 0)
+        grad = numpy.where(valid[:, None], grad, 0)
+    return loss, grad
 
 
 def softmax_focal_f32(x, target, alpha, gamma, ignore_index):
     """softmax focal loss -alpha_t (1 - p_t)^gamma log p_t (alpha scalar or per class) with an ignore label (float32): (loss per row, d loss / d x); x is (N, K), target (N,) integers."""
-    loss, grad = softmax_focal_f64(x.astype(numpy.float64), target, numpy.asarray(alpha, dtype=numpy.float64), numpy.asarray(gamma, dtype=numpy.float64), ignore_index)
-    return loss.astype(numpy.float32), grad.astype(numpy.float32)
+    n, k = x.shape
+    with numpy.errstate(all="ignore"):
+        valid = target != ignore_index
+        tt = numpy.where(valid, target, 0)
+        rows = numpy.arange(n)
+        am = numpy.argmax(x, axis=1)
+        m = x[rows, am]
+        # e_j = e^(x_j - m) <= 1; the maximum's term is exactly 1 and log S = log1p(rest)
+        e = _expdiff(x, m[:, None])
+        e[rows, am] = 0
+        rest = numpy.sum(e, axis=1)
+        e[rows, am] = 1
+        dhi, dlo = _twodiff(x[rows, tt], m)
+        u = numpy.maximum((dhi - numpy.log1p(rest)) + dlo, -_MAX["f32"])
+        alpha_t = alpha[tt] if numpy.ndim(alpha) else numpy.full(n, alpha, dtype=x.dtype)
+        c0 = numpy.expm1(u)
+        c1 = alpha_t*numpy.power(-c0, gamma)
+        loss = _full(-c1*u, u)
+        coef = _full(c1*(numpy.exp(u)*gamma*_xexpm1inv(u) + 1), u)
+        grad = (coef / (1 + rest))[:, None] * e
+        grad[rows, tt] = coef * c0
+        loss = numpy.where(valid, loss, 0)
+        grad = numpy.where(valid[:, None], grad, 0)
+    return loss, grad
 
 
 def sigmoid_ce_f64(x, t):

@@ -29,7 +29,7 @@ OUTPUTS = {
 #: float32 kernels of the NumPy module evaluate in float64 (documented in the module):
 #: NumPy's float32 exp/log/power are vectorised approximations a few ulp off, which the
 #: powers and products of the focal terms amplify past the 2e-6 bound.
-NUMPY_F32_PROMOTED = True
+NUMPY_F32_PROMOTED = False
 
 
 def _relpath(p: Path) -> str:
