@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shlex
@@ -68,6 +69,11 @@ def find_compiler() -> list:
 
 
 def compiler_version(cmd) -> str:
+    return _compiler_version(tuple(cmd))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiler_version(cmd) -> str:
     try:
         res = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -83,10 +89,22 @@ def source_digest(generated: Path = GENERATED_DIR) -> str:
     return text[i:text.index('"', i)]
 
 
+_FILE_HASHES: dict = {}
+
+
+def _file_hash(path: Path) -> bytes:
+    """SHA-256 of a file, remembered while its size and mtime stay the same."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = hashlib.sha256(path.read_bytes()).digest()
+    return _FILE_HASHES[key]
+
+
 def build_key(cmd, generated: Path = GENERATED_DIR) -> str:
     h = hashlib.sha256()
     for name in (SOURCE, HEADER):
-        h.update((Path(generated) / name).read_bytes())
+        h.update(_file_hash(Path(generated) / name))
     h.update("\0".join(CFLAGS + LDLIBS).encode())
     h.update(compiler_version(cmd).encode())
     h.update(sys.platform.encode())

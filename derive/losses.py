@@ -268,7 +268,7 @@ def focal_loss_star(inputs, targets, gamma=2.0, beta=1.0, reduction="none", *, b
 
 def _class_targets(targets, x, ignore_index, name="targets"):
     arr = np.asarray(targets)
-    if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "b" and False):
+    if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array of class indices, got dtype {arr.dtype}")
     n, k = x.shape
     if arr.shape != (n,):
