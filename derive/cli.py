@@ -52,12 +52,16 @@ def build_parser():
     v.add_argument("--strategies", type=_strategies, default=None, metavar="LIST",
                    help="comma-separated proof strategies to try, of: " + ", ".join(STRATEGIES))
     v.add_argument("-v", "--verbose", action="store_true", help="show strategies tried and K instances")
-    c = sub.add_parser("codegen", help="render templates/ into generated/")
-    c.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("codegen", help="render templates/ into generated/ (see derive codegen --help)")
     return p
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["codegen"]:  # the generator has its own options (--check, --out ...)
+        from . import codegen
+
+        return codegen.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "verify":
         from .prover import DEFAULT_SEED
@@ -74,10 +78,6 @@ def main(argv=None) -> int:
             text = render_text(report, verbose=args.verbose)
             (sys.stderr if report.errors else sys.stdout).write(text)
         return report.exit_code()
-    if args.command == "codegen":
-        from . import codegen
-
-        return codegen.main(args.rest)
     build_parser().print_help()
     return 2
 

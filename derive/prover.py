@@ -595,6 +595,11 @@ class Prover:
                         e = e.xreplace(self._param_subs(e.free_symbols, atoms_ok=False))
                         reals = [s for s in e.free_symbols if not isinstance(s, sp.Dummy) and s.is_real]
                         e, _ = _exp_to_rational(e, reals)
+                        # w > 0 (or >= 0) inside exp: e^w = 1 + v with v > 0 (>= 0) makes the sign visible
+                        e = e.xreplace({w: sp.log(1 + sp.Dummy(w.name, positive=w.is_positive,
+                                                                nonnegative=True))
+                                        for w in e.free_symbols if isinstance(w, sp.Dummy) and w.is_nonnegative
+                                        and any(w in a.free_symbols for a in e.atoms(sp.exp))})
                         e = sp.factor(sp.cancel(sp.together(e)))
                         if not (e.is_positive if strict else e.is_nonnegative):
                             proved = False
