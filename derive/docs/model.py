@@ -1,0 +1,380 @@
+"""What the documentation shows, as plain data built from one verification report.
+
+Everything here comes from :func:`derive.verify.verify_paths` (verdicts, strategies,
+counterexamples, the SymPy LaTeX of each parsed line) and :func:`derive.loader.load_file`
+(the note's own LaTeX, the rules, the errata): nothing about a derivation is typed here.
+Both renderings (Markdown and HTML) are made from the same objects, in the files' order.
+Times are left out on purpose: they change from run to run, and ``docs/`` must not.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..loader import load_file
+from ..prover import CONFIRMED, PROVED, REFUTED, STRATEGIES, UNPROVED
+from ..verify import ERRATUM, FAIL, OK, Report
+from .mathtex import Math, MathRenderer, latex_of
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+VERDICTS = (PROVED, CONFIRMED, REFUTED, UNPROVED)
+
+#: The Python functions of derive.losses that call each generated kernel (tests check it).
+KERNEL_API = {
+    "sigmoid_ce": ("sigmoid_cross_entropy", "binary_cross_entropy_with_logits"),
+    "sigmoid_focal": ("binary_focal_loss",),
+    "sigmoid_focal_alpha": ("sigmoid_focal_loss",),
+    "focal_star": ("focal_loss_star",),
+    "softmax_ce": ("softmax_cross_entropy",),
+    "softmax_focal": ("softmax_focal_loss",),
+}
+
+#: The kernels' exports that each role names (codegen's kernel specs).
+EXPORT_ROLES = ("loss", "grad", "coef", "target_factor")
+
+
+def check_label(c) -> str:
+    """A check's identifier, exactly as ``derive verify`` prints it (without padding)."""
+    if c.kind == "domain":
+        return f"domain {c.lhs}"
+    tag = {"step": f"step {c.index}", "end-to-end": "end-to-end",
+           "corrected step": f"step {c.index}'", "corrected end-to-end": "end-to-end'"}[c.kind]
+    return f"{c.chain}:{tag}"
+
+
+def check_anchor(c) -> str:
+    label = check_label(c).replace("'", "-corrected")
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", label).strip("-")
+
+
+def format_counterexample(cex) -> str | None:
+    if not cex:
+        return None
+    point = ", ".join(f"{k} = {v}" for k, v in sorted(cex["point"].items()))
+    return f"at {point}: left {cex['lhs']}, right {cex['rhs']}"
+
+
+def repo_path(path) -> str:
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(ROOT).as_posix()
+    except ValueError:
+        return p.name
+
+
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckView:
+    label: str
+    anchor: str
+    kind: str
+    verdict: str  # proved / numerically confirmed / refuted / unproved
+    method: str
+    status: str  # ok / erratum / fail
+    erratum: str | None
+    lhs: str
+    rhs: str
+    lhs_math: Math
+    rhs_math: Math
+    rule: str | None
+    counterexample: str | None
+    instances: list  # [(name, text)]
+    message: str
+
+
+@dataclass
+class ErratumView:
+    id: str
+    why: str
+    written: str
+    corrected: str
+    corrected_note: Math | None  # the corrected line in the note's notation, when the file gives it
+    corrected_parsed: Math | None
+    counterexample: str | None
+    refuted_by: list  # labels
+    proved: bool
+    page: str = ""  # page key of its derivation
+    derivation: str = ""
+    chain: str = ""
+    line: int = 0
+    anchor: str = ""
+
+
+@dataclass
+class LineView:
+    index: int
+    text: str
+    note: Math | None  # the note's LaTeX for this line
+    parsed: Math | None  # SymPy's LaTeX of the parsed line
+    rule: str | None
+    step: CheckView | None  # the check from line index-1 to this line
+    erratum: ErratumView | None
+    corrected_step: CheckView | None
+
+
+@dataclass
+class ChainView:
+    id: str
+    note: str | None
+    source: Math | None  # the note's whole line
+    export: str | None
+    used_by: list  # [(kernel, role)]
+    lines: list
+    end_to_end: CheckView | None
+    corrected_end_to_end: CheckView | None
+
+    @property
+    def checks(self):
+        out = [l.step for l in self.lines if l.step] + [l.corrected_step for l in self.lines if l.corrected_step]
+        return out + [c for c in (self.end_to_end, self.corrected_end_to_end) if c]
+
+
+@dataclass
+class DerivationPage:
+    key: str  # page key: "<file stem>/<derivation id>"
+    file: str  # repository path of the derivation file
+    file_title: str
+    id: str
+    title: str
+    note: str | None
+    domains: list
+    chains: list
+    errata: list
+    counts: dict  # verdict -> number, over every check of the page
+    steps: int = 0  # steps as written (kind == "step")
+
+    @property
+    def checks(self):
+        return self.domains + [c for ch in self.chains for c in ch.checks]
+
+    @property
+    def summary(self) -> str:
+        parts = [f"{self.counts[v]} {v}" for v in VERDICTS if self.counts.get(v)]
+        return ", ".join(parts)
+
+
+@dataclass
+class FileView:
+    path: str  # repository path
+    stem: str
+    title: str
+    source: str | None
+    pages: list
+    steps: int
+    steps_proved: int
+    steps_refuted: int
+    errata: list
+    checks: int
+    counts: dict
+
+
+@dataclass
+class KernelView:
+    name: str
+    title: str
+    kind: str
+    params: tuple
+    api: list  # [(function name, signature, first docstring line)]
+    exports: list  # [(role, export name, stable-forms anchor)]
+    numpy_lines: dict  # dtype suffix -> line number of the def in generated/focal_kernels.py
+    c_lines: dict  # dtype suffix -> line number in generated/focal_kernels.c
+    h_lines: dict
+    numpy_code: str  # the f64 NumPy function, as generated
+    figure: str | None  # accuracy figure stem
+
+
+@dataclass
+class Docs:
+    report: Report
+    files: list
+    pages: list
+    errata: list
+    stable_chains: list  # [(page, chain)] of chains with an export, in file order
+    kernels: list
+    strategies: dict
+    seed: int
+    step_timeout: float
+    math_log: object
+    totals: dict = field(default_factory=dict)
+    supporting: list = field(default_factory=list)  # [(page, chain)]: no export, in a file with exports
+    bounds: dict = field(default_factory=dict)  # dtype name -> accuracy bound of the kernels
+
+
+# ------------------------------------------------------------------------------------------
+
+
+class _Builder:
+    def __init__(self, report: Report, step_timeout: float):
+        self.report = report
+        self.step_timeout = step_timeout
+        self.math = MathRenderer()
+        self.by_key = {}
+        for c in report.checks:
+            self.by_key.setdefault((c.file, c.derivation, c.chain, c.kind, c.index), c)
+        self.used_by = _export_users()
+
+    def m(self, tex):
+        return self.math(tex) if tex else None
+
+    def view(self, c, lhs_tex=None, rhs_tex=None) -> CheckView:
+        """``lhs_tex``/``rhs_tex``: LaTeX of the two sides, when the report's may be a fallback."""
+        v = c.verdict
+        instances = [(k, c.instances[k]) for k in sorted(c.instances)]
+        return CheckView(check_label(c), check_anchor(c), c.kind, v.status, v.method, c.status, c.erratum,
+                         c.lhs, c.rhs, self.math(lhs_tex or c.lhs_latex), self.math(rhs_tex or c.rhs_latex), c.rule,
+                         format_counterexample(v.counterexample), instances, c.message)
+
+    def build(self) -> Docs:
+        rep = self.report
+        files, pages, errata, stable = [], [], [], []
+        errata_by = {(e.file, e.derivation, e.chain, e.line): e for e in rep.errata}
+        for path, title in rep.files:
+            df = load_file(path)
+            fname = Path(path).name
+            stem = Path(path).stem
+            fpages = []
+            for d in df.derivations:
+                page = self.derivation(df, d, fname, stem, errata_by)
+                fpages.append(page)
+                for ch in page.chains:
+                    if ch.export:
+                        stable.append((page, ch))
+            fchecks = [c for c in rep.checks if c.file == fname]
+            steps = [c for c in fchecks if c.kind == "step"]
+            ferr = [e for p in fpages for e in p.errata]
+            files.append(FileView(repo_path(path), stem, title, df.source, fpages, len(steps),
+                                  sum(c.verdict.status == PROVED for c in steps),
+                                  sum(c.verdict.status == REFUTED for c in steps), ferr, len(fchecks),
+                                  dict(Counter(c.verdict.status for c in fchecks))))
+            pages += fpages
+            errata += ferr
+        docs = Docs(rep, files, pages, errata, stable, _kernels(), dict(STRATEGIES), rep.seed, self.step_timeout,
+                    self.math.log)
+        from ..accuracy import BOUNDS
+
+        docs.bounds = dict(BOUNDS)
+        for f in files:
+            if any(ch.export for p in f.pages for ch in p.chains):
+                docs.supporting += [(p, ch) for p in f.pages for ch in p.chains if not ch.export]
+        counts = Counter(c.verdict.status for c in rep.checks)
+        docs.totals = {
+            "checks": len(rep.checks),
+            "counts": {v: counts.get(v, 0) for v in VERDICTS},
+            "explained": sum(1 for c in rep.checks if c.status == ERRATUM),
+            "failed": len(rep.failed),
+            "errata": len(rep.errata),
+            "exit_code": rep.exit_code(),
+        }
+        return docs
+
+    def derivation(self, df, d, fname, stem, errata_by) -> DerivationPage:
+        key = f"{stem}/{d.id}"
+        domains = [self.view(c) for c in self.report.checks
+                   if c.file == fname and c.derivation == d.id and c.kind == "domain"]
+        chains, page_errata = [], []
+        names = d.context.latex_names
+        for ch in d.chains:
+            get = lambda kind, i=None, _ch=ch: self.by_key.get((fname, d.id, _ch.id, kind, i))  # noqa: E731
+            written = [latex_of(line.expr, names) for line in ch.lines]
+            fixed = [latex_of(line.erratum.corrected, names) if line.erratum else written[line.index]
+                     for line in ch.lines]
+            lines = []
+            for line in ch.lines:
+                k = line.index
+                step = get("step", k) if k else None
+                cstep = get("corrected step", k) if k else None
+                ev = None
+                if line.erratum:
+                    rec = errata_by.get((fname, d.id, ch.id, k))
+                    if rec is None:  # pragma: no cover - the verifier records every marked line
+                        raise ValueError(f"{fname}: {d.id}/{ch.id} line {k}: erratum missing from the report")
+                    cex = next((format_counterexample(c.verdict.counterexample) for c in rec.refuted_by
+                                if c.verdict.counterexample), None)
+                    ev = ErratumView(rec.id, rec.why, rec.written, rec.corrected, self.m(line.erratum.latex),
+                                     self.m(fixed[k]), cex, [check_label(c) for c in rec.refuted_by],
+                                     rec.status == OK, key, d.id, ch.id, k, f"erratum-{rec.id}")
+                    page_errata.append(ev)
+                lines.append(LineView(k, line.text, self.m(line.latex), self.m(written[k]), line.rule,
+                                      self.view(step, written[k - 1], written[k]) if step else None, ev,
+                                      self.view(cstep, fixed[k - 1], fixed[k]) if cstep else None))
+            e2e, ce2e = get("end-to-end"), get("corrected end-to-end")
+            chains.append(ChainView(ch.id, ch.note, self.m(ch.source), ch.export, self.used_by.get(ch.export, []),
+                                    lines, self.view(e2e, written[0], written[-1]) if e2e else None,
+                                    self.view(ce2e, fixed[0], fixed[-1]) if ce2e else None))
+        page = DerivationPage(key, repo_path(df.path), df.title, d.id, d.title, d.note, domains, chains,
+                              page_errata, {})
+        page.counts = dict(Counter(c.verdict for c in page.checks))
+        page.steps = sum(1 for c in page.checks if c.kind == "step")
+        mine = [c for c in self.report.checks if c.file == fname and c.derivation == d.id]
+        if len(mine) != len(page.checks):  # every check of the report is on its page, once
+            shown = {c.label for c in page.checks}
+            missing = sorted(check_label(c) for c in mine if check_label(c) not in shown)
+            raise ValueError(f"{key}: checks of the report not placed on the page: {missing}")
+        return page
+
+
+def _export_users():
+    from ..codegen.kernels import KERNELS
+
+    users = {}
+    for spec in KERNELS:
+        for role in EXPORT_ROLES:
+            export = getattr(spec, role, None)
+            if export:
+                users.setdefault(export, []).append((spec.name, role))
+    return users
+
+
+def _def_lines(path: Path, pattern: str) -> dict:
+    out = {}
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        m = re.match(pattern, line)
+        if m and m["suffix"] not in out:
+            out[m["suffix"]] = i
+    return out
+
+
+def _function_source(path: Path, name: str) -> str:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith(f"def {name}("))
+    end = start + 1
+    while end < len(lines) and (not lines[end] or lines[end][0] in " \t"):
+        end += 1
+    while not lines[end - 1].strip():
+        end -= 1
+    return "\n".join(lines[start:end])
+
+
+def _kernels():
+    from .. import losses
+    from ..codegen.kernels import KERNELS
+
+    gen = ROOT / "generated"
+    views = []
+    for spec in KERNELS:
+        name = spec.name
+        api = []
+        for fn in KERNEL_API.get(name, ()):
+            f = getattr(losses, fn)
+            doc = (inspect.getdoc(f) or "").splitlines()
+            api.append((fn, str(inspect.signature(f)), doc[0] if doc else ""))
+        exports = [(role, getattr(spec, role)) for role in EXPORT_ROLES if getattr(spec, role, None)]
+        views.append(KernelView(
+            name, spec.title, spec.kind, tuple(spec.params), api,
+            [(role, e, f"export-{e}") for role, e in exports],
+            _def_lines(gen / "focal_kernels.py", rf"def {name}_(?P<suffix>f32|f64)\("),
+            _def_lines(gen / "focal_kernels.c", rf"int derive_{name}_(?P<suffix>f32|f64)\("),
+            _def_lines(gen / "focal_kernels.h", rf"int derive_{name}_(?P<suffix>f32|f64)\("),
+            _function_source(gen / "focal_kernels.py", f"{name}_f64"),
+            f"accuracy_{name}",
+        ))
+    return views
+
+
+def build_model(report: Report, step_timeout: float = 4.0) -> Docs:
+    return _Builder(report, step_timeout).build()
