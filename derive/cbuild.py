@@ -1,8 +1,14 @@
 """Compile the generated C kernels into a shared library, cache it, and load it with ctypes.
 
 * The compiler is ``$CC`` if set, else the first of ``cc``, ``gcc``, ``clang`` on ``PATH``.
-* Flags: ``-std=c99 -O2 -Wall -Wextra -Werror -fPIC -shared`` (no ``-ffast-math``: the
-  kernels' error-free transforms need IEEE rounding), linked with ``-lm``.
+* Flags: ``-std=c99 -O2 -fno-math-errno -fno-trapping-math -Wall -Wextra -Werror -fPIC
+  -shared``, plus ``-fopenmp`` (threads and ``omp simd``) and ``-march=native`` (the
+  machine's vector width) when a one-time probe shows the compiler takes them; linked with
+  ``-lm``.  No ``-ffast-math``: the kernels' error-free transforms need IEEE rounding and
+  NaN must propagate.  ``-fno-math-errno`` and ``-fno-trapping-math`` change no value
+  (libm stops setting errno; the compiler may assume no FP trap is enabled); they let the
+  loops vectorize and call glibc's vector math.  ``DERIVE_OPENMP=0`` and ``DERIVE_NATIVE=0``
+  turn the optional flags off.  With ``-march=native`` the cache key includes the CPU.
 * The cache lives in ``$DERIVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/derive``, else
   ``~/.cache/derive``; an entry is keyed by the SHA-256 of the source, the header, the
   flags and the compiler's version text, so any change rebuilds.  An entry is written to a
@@ -26,7 +32,9 @@ from pathlib import Path
 
 GENERATED_DIR = Path(__file__).resolve().parent.parent / "generated"
 
-CFLAGS = ("-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared")
+CFLAGS = ("-std=c99", "-O2", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wextra", "-Werror", "-fPIC",
+          "-shared")
+OPTIONAL_FLAGS = (("DERIVE_OPENMP", "-fopenmp"), ("DERIVE_NATIVE", "-march=native"))
 LDLIBS = ("-lm",)
 SOURCE = "focal_kernels.c"
 HEADER = "focal_kernels.h"
@@ -81,6 +89,41 @@ def _compiler_version(cmd) -> str:
     return (res.stdout or res.stderr).strip()
 
 
+@functools.lru_cache(maxsize=8)
+def _probe(cmd, flag) -> bool:
+    """Whether the compiler builds and links a small shared library with ``flag``."""
+    with tempfile.TemporaryDirectory(prefix="derive-probe-") as tmp:
+        src = Path(tmp) / "probe.c"
+        src.write_text("int derive_probe(int a) { return a + 1; }\n")
+        try:
+            res = subprocess.run([*cmd, *CFLAGS, flag, str(src), "-o", str(Path(tmp) / "probe.so")],
+                                 capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return res.returncode == 0
+
+
+def build_flags(cmd=None) -> tuple:
+    """CFLAGS plus the optional flags this compiler takes (probed once per process)."""
+    cmd = tuple(cmd or find_compiler())
+    extra = tuple(flag for env, flag in OPTIONAL_FLAGS
+                  if os.environ.get(env, "1") != "0" and _probe(cmd, flag))
+    return CFLAGS + extra
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_id() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "\n".join(sorted(set(keep)))
+    except OSError:
+        import platform
+
+        return platform.machine() + " " + platform.processor()
+
+
 def source_digest(generated: Path = GENERATED_DIR) -> str:
     """The digest written into the generated header (what a loaded library must report)."""
     text = (Path(generated) / HEADER).read_text()
@@ -105,7 +148,10 @@ def build_key(cmd, generated: Path = GENERATED_DIR) -> str:
     h = hashlib.sha256()
     for name in (SOURCE, HEADER):
         h.update(_file_hash(Path(generated) / name))
-    h.update("\0".join(CFLAGS + LDLIBS).encode())
+    flags = build_flags(cmd)
+    h.update("\0".join(flags + LDLIBS).encode())
+    if "-march=native" in flags:
+        h.update(cpu_id().encode())
     h.update(compiler_version(cmd).encode())
     h.update(sys.platform.encode())
     return h.hexdigest()[:24]
@@ -121,7 +167,7 @@ def compile_library(cmd, out: Path, generated: Path = GENERATED_DIR) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        args = [*cmd, *CFLAGS, "-I", str(generated), str(Path(generated) / SOURCE), "-o", tmp, *LDLIBS]
+        args = [*cmd, *build_flags(cmd), "-I", str(generated), str(Path(generated) / SOURCE), "-o", tmp, *LDLIBS]
         res = subprocess.run(args, capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             raise BuildError("compiling the C kernels failed:\n$ " + " ".join(shlex.quote(a) for a in args)
@@ -229,7 +275,18 @@ def _declare(lib, generated):
                     args += [ptr, ct] if (p == "alpha" and info["class_alpha"]) else [ct]
                 args.append(ctypes.c_int64)
             fn.argtypes = args + [ptr, ptr]
+    lib.derive_set_num_threads.argtypes = [ctypes.c_int]
+    lib.derive_set_num_threads.restype = ctypes.c_int
+    lib.derive_get_num_threads.argtypes = []
+    lib.derive_get_num_threads.restype = ctypes.c_int
+    for dt, ct in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        fn = getattr(lib, f"derive_first_bad_label_{dt}")
+        fn.argtypes = [ctypes.c_size_t, ctypes.POINTER(ct)]
+        fn.restype = ctypes.c_size_t
+    lib.derive_vector_math.argtypes = []
+    lib.derive_vector_math.restype = ctypes.c_int
 
 
 __all__ = ["load", "library_path", "cache_dir", "find_compiler", "BuildError", "CompilerNotFoundError", "CFLAGS",
+           "build_flags", "cpu_id",
            "LDLIBS", "load_numpy_module", "GENERATED_DIR"]

@@ -116,6 +116,10 @@ def _kernel_model(prep, file):
             args.append("int64_t ignore_index")
         args += [f"{T} *loss", f"{T} *grad"]
         model["c_proto"][dt] = f"int {fname}({', '.join(args)})"
+    # gamma appears as an exponent: the C driver passes integer gammas as constants (pow(v, 2) -> v*v)
+    printed = model["code"]["f64"]
+    c_text = " ".join([e for _, e in printed.temps] + list(printed.outputs.values()))
+    model["pow_gamma"] = "gamma" in spec.params and "pow(" in c_text
     return model
 
 
