@@ -14,6 +14,10 @@ kernels:
   Softmax ``"mean"`` divides by the number of rows whose target is not ``ignore_index``
   (as ``torch.nn.functional.cross_entropy`` does); a mean over nothing is 0, not NaN.
 
+``threads``: None (default) uses all threads (OpenMP, for calls on at least
+``DERIVE_PARALLEL_MIN`` = 32768 values; smaller ones stay serial); an integer caps them.
+The C backend only; results do not depend on it.
+
 Binary labels are 0 or 1 (any numeric or bool dtype); softmax targets are integer class
 indices, or ``ignore_index`` for rows that get zero loss and zero gradient.
 """
@@ -52,16 +56,40 @@ def _logits(inputs, name="inputs"):
     return np.ascontiguousarray(arr)
 
 
-def _binary_labels(targets, x, name="targets"):
+_LABEL_CHUNK = 1 << 16  # labels checked per NumPy step: temporaries stay small
+
+
+def _binary_labels(targets, x, name="targets", backend="numpy"):
     arr = np.asarray(targets)
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold numeric labels 0 or 1, got dtype {arr.dtype}")
     if arr.shape != x.shape:
         raise ValueError(f"{name} has shape {arr.shape}, but inputs has shape {x.shape}")
-    if arr.size and not np.all((arr == 0) | (arr == 1)):
-        bad = arr[~((arr == 0) | (arr == 1))].flat[0]
-        raise ValueError(f"{name} must hold labels 0 or 1, found {bad!r}")
+    if backend == "c" and arr.dtype == x.dtype:
+        import ctypes
+
+        arr = np.ascontiguousarray(arr)
+        flat = arr.reshape(-1)
+        ct = ctypes.c_float if x.dtype == np.float32 else ctypes.c_double
+        first = getattr(cbuild.load(), f"derive_first_bad_label_{_DTYPES[x.dtype]}")(flat.size, _ptr(flat, ct))
+        if first < flat.size:
+            raise ValueError(f"{name} must hold labels 0 or 1, found {flat[first]!r}")
+        return arr
+    flat = arr.reshape(-1)
+    for lo in range(0, flat.size, _LABEL_CHUNK):
+        chunk = flat[lo:lo + _LABEL_CHUNK]
+        ok = (chunk == 0) | (chunk == 1)
+        if not ok.all():
+            raise ValueError(f"{name} must hold labels 0 or 1, found {chunk[~ok][0]!r}")
     return np.ascontiguousarray(arr, dtype=x.dtype)
+
+
+def _threads(threads):
+    if threads is None:
+        return 0
+    if isinstance(threads, bool) or not isinstance(threads, (numbers.Integral, np.integer)) or threads < 1:
+        raise ValueError(f"threads must be None (all) or a positive integer, got {threads!r}")
+    return int(threads)
 
 
 def _scalar(name, value):
@@ -147,7 +175,7 @@ def _ptr(arr, ct):
     return arr.ctypes.data_as(ctypes.POINTER(ct)) if arr is not None else None
 
 
-def _call_elementwise(name, x, t, params, backend, want_grad):
+def _call_elementwise(name, x, t, params, backend, want_grad, threads=0):
     dt = _DTYPES[x.dtype]
     if backend == "numpy":
         fn = getattr(cbuild.load_numpy_module(), f"{name}_{dt}")
@@ -161,6 +189,7 @@ def _call_elementwise(name, x, t, params, backend, want_grad):
     flat_x, flat_t = x.reshape(-1), t.reshape(-1)
     loss = np.empty_like(flat_x)
     grad = np.empty_like(flat_x) if want_grad else None
+    lib.derive_set_num_threads(threads)  # per calling thread; 0: all
     rc = getattr(lib, f"derive_{name}_{dt}")(flat_x.size, _ptr(flat_x, ct), _ptr(flat_t, ct), *params,
                                               _ptr(loss, ct), _ptr(grad, ct))
     if rc != 0:
@@ -168,7 +197,7 @@ def _call_elementwise(name, x, t, params, backend, want_grad):
     return loss.reshape(x.shape), (grad.reshape(x.shape) if want_grad else None)
 
 
-def _call_rowwise(name, x, target, alpha_vec, params, ignore_index, backend, want_grad):
+def _call_rowwise(name, x, target, alpha_vec, params, ignore_index, backend, want_grad, threads=0):
     dt = _DTYPES[x.dtype]
     info = _info(name)
     if backend == "numpy":
@@ -188,6 +217,7 @@ def _call_rowwise(name, x, target, alpha_vec, params, ignore_index, backend, wan
     n, k = x.shape
     loss = np.empty(n, dtype=x.dtype)
     grad = np.empty_like(x) if want_grad else None
+    lib.derive_set_num_threads(threads)  # per calling thread; 0: all
     args = []
     for pname, p in zip(info["params"], params):
         if pname == "alpha" and info["class_alpha"]:
@@ -215,12 +245,13 @@ def _reduce(loss, grad, reduction, count, return_grad):
     return (out, grad) if return_grad else out
 
 
-def _elementwise(name, inputs, targets, params, reduction, backend, return_grad):
+def _elementwise(name, inputs, targets, params, reduction, backend, return_grad, threads=None):
     reduction = _reduction(reduction)
+    threads = _threads(threads)
     x = _logits(inputs)
-    t = _binary_labels(targets, x)
     backend = _backend(backend)
-    loss, grad = _call_elementwise(name, x, t, params, backend, return_grad)
+    t = _binary_labels(targets, x, backend=backend)
+    loss, grad = _call_elementwise(name, x, t, params, backend, return_grad, threads)
     return _reduce(loss, grad, reduction, x.size, return_grad)
 
 
@@ -228,38 +259,38 @@ def _elementwise(name, inputs, targets, params, reduction, backend, return_grad)
 # sigmoid family
 
 
-def sigmoid_cross_entropy(inputs, targets, reduction="none", *, backend="auto", return_grad=False):
+def sigmoid_cross_entropy(inputs, targets, reduction="none", *, backend="auto", return_grad=False, threads=None):
     """-log p_t with p_t = sigmoid(x) for label 1 and 1 - sigmoid(x) for label 0."""
-    return _elementwise("sigmoid_ce", inputs, targets, (), reduction, backend, return_grad)
+    return _elementwise("sigmoid_ce", inputs, targets, (), reduction, backend, return_grad, threads)
 
 
-def binary_cross_entropy_with_logits(inputs, targets, reduction="mean", *, backend="auto", return_grad=False):
+def binary_cross_entropy_with_logits(inputs, targets, reduction="mean", *, backend="auto", return_grad=False, threads=None):
     """torch.nn.functional.binary_cross_entropy_with_logits (labels 0/1, no weights)."""
-    return sigmoid_cross_entropy(inputs, targets, reduction, backend=backend, return_grad=return_grad)
+    return sigmoid_cross_entropy(inputs, targets, reduction, backend=backend, return_grad=return_grad, threads=threads)
 
 
-def binary_focal_loss(inputs, targets, gamma=2.0, reduction="none", *, backend="auto", return_grad=False):
+def binary_focal_loss(inputs, targets, gamma=2.0, reduction="none", *, backend="auto", return_grad=False, threads=None):
     """-(1 - p_t)^gamma log p_t (the note's focal loss, no alpha weighting)."""
     info = _info("sigmoid_focal")
     gamma = _param(info, "gamma", gamma)
-    return _elementwise("sigmoid_focal", inputs, targets, (gamma,), reduction, backend, return_grad)
+    return _elementwise("sigmoid_focal", inputs, targets, (gamma,), reduction, backend, return_grad, threads)
 
 
 def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none", *, backend="auto",
-                       return_grad=False):
+                       return_grad=False, threads=None):
     """torchvision.ops.sigmoid_focal_loss: alpha_t*(1 - p_t)^gamma*CE, alpha < 0 means no weighting."""
     info = _info("sigmoid_focal_alpha")
     alpha = _param(info, "alpha", alpha, allow_off=True)
     gamma = _param(info, "gamma", gamma)
-    return _elementwise("sigmoid_focal_alpha", inputs, targets, (alpha, gamma), reduction, backend, return_grad)
+    return _elementwise("sigmoid_focal_alpha", inputs, targets, (alpha, gamma), reduction, backend, return_grad, threads)
 
 
-def focal_loss_star(inputs, targets, gamma=2.0, beta=1.0, reduction="none", *, backend="auto", return_grad=False):
+def focal_loss_star(inputs, targets, gamma=2.0, beta=1.0, reduction="none", *, backend="auto", return_grad=False, threads=None):
     """FL* of Lin et al.: -log(sigmoid(gamma*x_t + beta))/gamma, gamma > 0."""
     info = _info("focal_star")
     gamma = _param(info, "gamma", gamma)
     beta = _param(info, "beta", beta)
-    return _elementwise("focal_star", inputs, targets, (gamma, beta), reduction, backend, return_grad)
+    return _elementwise("focal_star", inputs, targets, (gamma, beta), reduction, backend, return_grad, threads)
 
 
 # ------------------------------------------------------------------------------------------
@@ -301,24 +332,25 @@ def _ignore_index(ignore_index):
     return ignore_index
 
 
-def _rowwise(name, inputs, targets, alpha_vec, params, ignore_index, reduction, backend, return_grad):
+def _rowwise(name, inputs, targets, alpha_vec, params, ignore_index, reduction, backend, return_grad, threads=None):
     reduction = _reduction(reduction)
+    threads = _threads(threads)
     x = _softmax_logits(inputs)
     ignore_index = _ignore_index(ignore_index)
     t = _class_targets(targets, x, ignore_index)
     backend = _backend(backend)
-    loss, grad = _call_rowwise(name, x, t, alpha_vec, params, ignore_index, backend, return_grad)
+    loss, grad = _call_rowwise(name, x, t, alpha_vec, params, ignore_index, backend, return_grad, threads)
     return _reduce(loss, grad, reduction, int(np.count_nonzero(t != ignore_index)), return_grad)
 
 
 def softmax_cross_entropy(inputs, targets, ignore_index=-100, reduction="none", *, backend="auto",
-                          return_grad=False):
+                          return_grad=False, threads=None):
     """-log softmax(x)[t] per row of (N, K) logits; rows with target == ignore_index give 0."""
-    return _rowwise("softmax_ce", inputs, targets, None, (), ignore_index, reduction, backend, return_grad)
+    return _rowwise("softmax_ce", inputs, targets, None, (), ignore_index, reduction, backend, return_grad, threads)
 
 
 def softmax_focal_loss(inputs, targets, alpha=None, gamma=2.0, ignore_index=-100, reduction="none", *,
-                       backend="auto", return_grad=False):
+                       backend="auto", return_grad=False, threads=None):
     """-alpha_t (1 - p_t)^gamma log p_t with p = softmax(x) per row; alpha is None (1), a scalar,
     or one weight per class."""
     info = _info("softmax_focal")
@@ -343,4 +375,4 @@ def softmax_focal_loss(inputs, targets, alpha=None, gamma=2.0, ignore_index=-100
         alpha_vec = np.ascontiguousarray(arr, dtype=x_dtype if x_dtype in _DTYPES else np.float64)
         alpha = 1.0
     return _rowwise("softmax_focal", inputs, targets, alpha_vec, (alpha, gamma), ignore_index, reduction, backend,
-                    return_grad)
+                    return_grad, threads)
