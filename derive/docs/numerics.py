@@ -201,6 +201,25 @@ def literal_elementwise(name):
     return tuple(out)
 
 
+def describe_literal(name) -> str:
+    """Where a kernel's literal closed form comes from, for the figure captions."""
+    from ..codegen.kernels import KERNELS
+
+    spec = next(k for k in KERNELS if k.name == name)
+    if spec.kind == "elementwise":
+        parts = []
+        for what, export in (("loss", spec.loss), ("gradient", spec.grad)):
+            d, c, k = literal_line(export)
+            parts.append(f"{what} {c.lines[k].text} (stable_forms.toml, {d.id}/{c.id} line {k})")
+        d, _, _ = literal_line(spec.loss)
+        defs = "; ".join(f"{s.name} = {e}" for s, e in d.context.definitions.items())
+        return "; ".join(parts) + f", with {defs}"
+    extra = " with alpha = 1 and gamma = 0 (cross-entropy)" if not spec.params else ""
+    return ("the note's FL_a = -alpha (1 - p_i)^gamma log p_i and the last line of its chain "
+            "softmax_focal_dxi/dfl_dxi" + extra + ", with p_i = exp(x_i)/S and S = exp(x_i) + exp(x_j) + "
+            "exp(x_2) (the note's K3 instance)")
+
+
 @functools.lru_cache(maxsize=None)
 def literal_softmax(name):
     """(loss_fn, target_grad_fn) of a softmax kernel's literal closed form for K = 3 rows

@@ -319,7 +319,9 @@ def figure_list():
             f"form evaluated in the same precision (red), against the mpmath reference at 40+ digits, over logits "
             f"in [-40, 40], float32 (left) and float64 (right); the dashed line is the bound that `make accuracy` "
             f"and the tests enforce. Errors of 10 and more, inf and NaN are drawn at the top; exact values at the "
-            f"bottom.", kernel=spec.name))
+            f"bottom. " + ("Label t = 1 (for t = 0, x_t = -x mirrors the picture)" if spec.kind == "elementwise"
+                           else "Rows (x_t, 0, 0) with target 0")
+            + f". The literal closed form: {N.describe_literal(spec.name)}.", kernel=spec.name))
     return figs
 
 
