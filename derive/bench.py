@@ -1,6 +1,7 @@
 """``make bench``: figures, not assertions.
 
-Verification time of the shipped derivation files, cold, in a fresh process each run (SymPy
+Kernel speed beside the peers (:mod:`derive.bench_kernels`: forward + backward per element,
+bandwidth floor, ratios, JSON in out/bench-kernels.json), then the verification time of the shipped derivation files, cold, in a fresh process each run (SymPy
 import and parsing included), as the issue asks: under 10 s on a 2-core machine.
 """
 from __future__ import annotations
@@ -35,6 +36,23 @@ def bench_verify(runs: int = 3) -> dict:
 
 
 def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m derive.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and JAX even when installed")
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, figures meaningless)")
+    parser.add_argument("--kernels-only", action="store_true", help="skip the verification timing")
+    parser.add_argument("--json", default="out/bench-kernels.json", help="where to write the kernel results")
+    args = parser.parse_args(argv)
+    from . import bench_kernels
+
+    kw = {"peers": not args.no_peers}
+    if args.quick:
+        kw.update(sigmoid_n=20000, softmax_shape=(256, 80), repeats=3, memory=False)
+    bench_kernels.main(out_path=args.json, **kw)
+    if args.kernels_only:
+        return 0
+    print()
     print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     res = bench_verify()
     print(f"{'derive verify (cold, fresh process)':<40} {'median s':>9} {'min s':>7} {'checks':>7} {'in-process s':>13}")
