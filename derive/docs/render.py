@@ -63,11 +63,13 @@ def environment(fmt: str) -> Environment:
         env.filters["dm"] = mathtex.md_block
         env.filters["code"] = lambda t: mathtex.md_code(str(t))
         env.filters["cell"] = _md_cell
+        env.filters["prose"] = str
     else:
         env.filters["m"] = lambda m: Markup(mathtex.html_inline(m))
         env.filters["dm"] = lambda m: Markup(mathtex.html_block(m))
         env.filters["code"] = lambda t: Markup(f"<code>{escape(str(t))}</code>")
         env.filters["cell"] = lambda t: t
+        env.filters["prose"] = lambda t: Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(str(t)))))
     return env
 
 
