@@ -13,7 +13,7 @@ import html
 import re
 from dataclasses import dataclass, field
 
-_DOUBLE_SUP = re.compile(r"(?P<base>\\[A-Za-z]+|[A-Za-z0-9])\^\{(?P<sup>[^{}]*)\}\^")
+_DOUBLE_SUP = re.compile(r"(?P<base>\\[A-Za-z]+|[A-Za-z0-9])\^\{(?P<sup>[^{}]*)\}\^(?P<exp>\{[^{}]*\}|\\[A-Za-z]+|[^\s{}])")
 
 
 def repair(tex: str, fragments: set | None = None) -> str:
@@ -21,9 +21,9 @@ def repair(tex: str, fragments: set | None = None) -> str:
     pieces are added to ``fragments`` as (before, after) pairs."""
 
     def fix(m):
-        new = "{" + m["base"] + "^{" + m["sup"] + "}}^"
+        new = "{" + m["base"] + "^{" + m["sup"] + "}}^" + m["exp"]
         if fragments is not None:
-            fragments.add((m[0] + "...", new + "..."))
+            fragments.add((m[0], new))
         return new
 
     prev = None
@@ -40,6 +40,7 @@ class Math:
     tex: str  # LaTeX as rendered (source, or repaired)
     mathml_inline: str | None  # None: conversion failed, shown as code
     mathml_block: str | None
+    fixes: tuple = ()  # (before, after) pieces of a repair
 
     @property
     def repaired(self) -> bool:
@@ -95,11 +96,13 @@ class MathRenderer:
     def __call__(self, source: str) -> Math:
         if source in self._cache:
             return self._cache[source]
-        tex = source
+        tex, fixes = source, set()
         try:
             inline, block = _to_mathml(tex, "inline"), _to_mathml(tex, "block")
         except Exception:  # latex2mathml raises its own exception types, and sometimes others
-            tex = repair(source, self.log.fragments)
+            fixes = set()
+            tex = repair(source, fixes)
+            self.log.fragments |= fixes
             try:
                 inline, block = _to_mathml(tex, "inline"), _to_mathml(tex, "block")
             except Exception as exc:  # shown as LaTeX source; recorded, never fatal
@@ -107,7 +110,7 @@ class MathRenderer:
                 self.log.fallbacks[source] = f"{type(exc).__name__}: {exc}"
         if tex != source:
             self.log.repairs[source] = tex
-        m = Math(source, tex, inline, block)
+        m = Math(source, tex, inline, block, tuple(sorted(fixes)) if tex != source else ())
         self._cache[source] = m
         return m
 
