@@ -45,8 +45,9 @@ class sigmoid(sp.Function):
             return True
         return None
 
-    def _latex(self, printer):
-        return r"\sigma\left(%s\right)" % printer._print(self.args[0])
+    def _latex(self, printer, exp=None):
+        tex = r"\sigma\left(%s\right)" % printer._print(self.args[0])
+        return tex if exp is None else r"%s^{%s}" % (tex, exp)
 
 
 class softplus(sp.Function):
@@ -76,8 +77,9 @@ class softplus(sp.Function):
             return True
         return None
 
-    def _latex(self, printer):
-        return r"\operatorname{softplus}\left(%s\right)" % printer._print(self.args[0])
+    def _latex(self, printer, exp=None):
+        tex = r"\operatorname{softplus}\left(%s\right)" % printer._print(self.args[0])
+        return tex if exp is None else r"%s^{%s}" % (tex, exp)
 
 
 class xexpm1inv(sp.Function):
@@ -104,8 +106,9 @@ class xexpm1inv(sp.Function):
 
     _eval_rewrite_as_elementary = _eval_rewrite_as_exp
 
-    def _latex(self, printer):
-        return r"\frac{%s}{\operatorname{expm1}\left(%s\right)}" % ((printer._print(self.args[0]),) * 2)
+    def _latex(self, printer, exp=None):
+        tex = r"\frac{%s}{\operatorname{expm1}\left(%s\right)}" % ((printer._print(self.args[0]),) * 2)
+        return tex if exp is None else r"\left(%s\right)^{%s}" % (tex, exp)
 
 
 class D(sp.Function):
