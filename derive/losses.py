@@ -14,6 +14,13 @@ kernels:
   Softmax ``"mean"`` divides by the number of rows whose target is not ``ignore_index``
   (as ``torch.nn.functional.cross_entropy`` does); a mean over nothing is 0, not NaN.
 
+``out=(loss, grad)``: preallocated outputs, filled in place and returned (a training loop
+reuses them instead of allocating two fresh arrays per call, which costs more than the kernel
+on large inputs).  ``loss`` has the per-element (sigmoid) or per-row (softmax) shape, ``grad``
+the shape of the logits or None (then not computed unless ``return_grad``); both in the logits'
+dtype, C-contiguous, writeable, and sharing no memory with the inputs or each other.  With a
+``"sum"``/``"mean"`` reduction ``loss`` holds the unreduced values and the scalar is returned.
+
 ``threads``: None (default) uses all threads (OpenMP, for calls on at least
 ``DERIVE_PARALLEL_MIN`` = 32768 values; smaller ones stay serial); an integer caps them.
 The C backend only; results do not depend on it.
@@ -138,6 +145,38 @@ def _reduction(reduction):
     return reduction
 
 
+def _out_array(arr, label, x, shape, others):
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{label} must be a NumPy array, got {type(arr).__name__}")
+    if arr.dtype != x.dtype:
+        raise TypeError(f"{label} must have the dtype of inputs ({x.dtype}), got {arr.dtype}")
+    if arr.shape != shape:
+        raise ValueError(f"{label} must have shape {shape}, got {arr.shape}")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{label} must be C-contiguous")
+    if not arr.flags.writeable:
+        raise ValueError(f"{label} is read-only")
+    for name, other in others:
+        if other is not None and np.may_share_memory(arr, other):
+            raise ValueError(f"{label} shares memory with {name}: outputs must not overlap the inputs or each other")
+    return arr
+
+
+def _outputs(out, x, loss_shape, inputs):
+    """The checked ``out=(loss, grad)`` arrays, or (None, None)."""
+    if out is None:
+        return None, None
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError("out must be a pair (loss, grad) of arrays (grad may be None)")
+    loss, grad = out
+    if loss is None:
+        raise TypeError("out[0] must be a NumPy array for the loss, got None")
+    loss = _out_array(loss, "out[0]", x, loss_shape, inputs)
+    if grad is not None:
+        grad = _out_array(grad, "out[1]", x, x.shape, list(inputs) + [("out[0]", loss)])
+    return loss, grad
+
+
 def _backend(backend):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
@@ -175,31 +214,50 @@ def _ptr(arr, ct):
     return arr.ctypes.data_as(ctypes.POINTER(ct)) if arr is not None else None
 
 
-def _call_elementwise(name, x, t, params, backend, want_grad, threads=0):
+def _fill(out_loss, out_grad, loss, grad, want_grad):
+    """The NumPy backend's results, copied into the caller's outputs where given."""
+    if out_loss is not None:
+        np.copyto(out_loss, loss)
+        loss = out_loss
+    if out_grad is not None:
+        np.copyto(out_grad, grad)
+        return loss, out_grad
+    return loss, (grad if want_grad else None)
+
+
+def _call_elementwise(name, x, t, params, backend, want_grad, threads=0, out=(None, None)):
     dt = _DTYPES[x.dtype]
+    out_loss, out_grad = out
     if backend == "numpy":
         fn = getattr(cbuild.load_numpy_module(), f"{name}_{dt}")
         typed = [x.dtype.type(p) for p in params]
         loss, grad = fn(x, t, *typed)
-        return loss, (grad if want_grad else None)
+        return _fill(out_loss, out_grad, loss, grad, want_grad)
     import ctypes
 
     lib = cbuild.load()
     ct = ctypes.c_float if dt == "f32" else ctypes.c_double
     flat_x, flat_t = x.reshape(-1), t.reshape(-1)
-    loss = np.empty_like(flat_x)
-    grad = np.empty_like(flat_x) if want_grad else None
+    loss = out_loss.reshape(-1) if out_loss is not None else np.empty_like(flat_x)
+    if out_grad is not None:
+        grad = out_grad.reshape(-1)
+    else:
+        grad = np.empty_like(flat_x) if want_grad else None
     lib.derive_set_num_threads(threads)  # per calling thread; 0: all
     rc = getattr(lib, f"derive_{name}_{dt}")(flat_x.size, _ptr(flat_x, ct), _ptr(flat_t, ct), *params,
                                               _ptr(loss, ct), _ptr(grad, ct))
     if rc != 0:
         raise ValueError(f"the C kernel {name} rejected its arguments (code {rc})")
-    return loss.reshape(x.shape), (grad.reshape(x.shape) if want_grad else None)
+    loss = out_loss if out_loss is not None else loss.reshape(x.shape)
+    if out_grad is not None:
+        return loss, out_grad
+    return loss, (grad.reshape(x.shape) if want_grad else None)
 
 
-def _call_rowwise(name, x, target, alpha_vec, params, ignore_index, backend, want_grad, threads=0):
+def _call_rowwise(name, x, target, alpha_vec, params, ignore_index, backend, want_grad, threads=0, out=(None, None)):
     dt = _DTYPES[x.dtype]
     info = _info(name)
+    out_loss, out_grad = out
     if backend == "numpy":
         fn = getattr(cbuild.load_numpy_module(), f"{name}_{dt}")
         args = []
@@ -209,14 +267,17 @@ def _call_rowwise(name, x, target, alpha_vec, params, ignore_index, backend, wan
             else:
                 args.append(x.dtype.type(p))
         loss, grad = fn(x, target, *args, ignore_index)
-        return loss, (grad if want_grad else None)
+        return _fill(out_loss, out_grad, loss, grad, want_grad)
     import ctypes
 
     lib = cbuild.load()
     ct = ctypes.c_float if dt == "f32" else ctypes.c_double
     n, k = x.shape
-    loss = np.empty(n, dtype=x.dtype)
-    grad = np.empty_like(x) if want_grad else None
+    loss = out_loss if out_loss is not None else np.empty(n, dtype=x.dtype)
+    if out_grad is not None:
+        grad = out_grad
+    else:
+        grad = np.empty_like(x) if want_grad else None
     lib.derive_set_num_threads(threads)  # per calling thread; 0: all
     args = []
     for pname, p in zip(info["params"], params):
@@ -241,17 +302,18 @@ def _reduce(loss, grad, reduction, count, return_grad):
         else:
             out = loss.dtype.type(total / count) if count else loss.dtype.type(0)
             if grad is not None and count:
-                grad = grad / grad.dtype.type(count)
+                np.divide(grad, grad.dtype.type(count), out=grad)  # our own array: in place
     return (out, grad) if return_grad else out
 
 
-def _elementwise(name, inputs, targets, params, reduction, backend, return_grad, threads=None):
+def _elementwise(name, inputs, targets, params, reduction, backend, return_grad, threads=None, out=None):
     reduction = _reduction(reduction)
     threads = _threads(threads)
     x = _logits(inputs)
     backend = _backend(backend)
     t = _binary_labels(targets, x, backend=backend)
-    loss, grad = _call_elementwise(name, x, t, params, backend, return_grad, threads)
+    outs = _outputs(out, x, x.shape, [("inputs", x), ("targets", t)])
+    loss, grad = _call_elementwise(name, x, t, params, backend, return_grad or outs[1] is not None, threads, outs)
     return _reduce(loss, grad, reduction, x.size, return_grad)
 
 
@@ -259,38 +321,39 @@ def _elementwise(name, inputs, targets, params, reduction, backend, return_grad,
 # sigmoid family
 
 
-def sigmoid_cross_entropy(inputs, targets, reduction="none", *, backend="auto", return_grad=False, threads=None):
+def sigmoid_cross_entropy(inputs, targets, reduction="none", *, backend="auto", return_grad=False, threads=None, out=None):
     """-log p_t with p_t = sigmoid(x) for label 1 and 1 - sigmoid(x) for label 0."""
-    return _elementwise("sigmoid_ce", inputs, targets, (), reduction, backend, return_grad, threads)
+    return _elementwise("sigmoid_ce", inputs, targets, (), reduction, backend, return_grad, threads, out)
 
 
-def binary_cross_entropy_with_logits(inputs, targets, reduction="mean", *, backend="auto", return_grad=False, threads=None):
+def binary_cross_entropy_with_logits(inputs, targets, reduction="mean", *, backend="auto", return_grad=False, threads=None, out=None):
     """torch.nn.functional.binary_cross_entropy_with_logits (labels 0/1, no weights)."""
-    return sigmoid_cross_entropy(inputs, targets, reduction, backend=backend, return_grad=return_grad, threads=threads)
+    return sigmoid_cross_entropy(inputs, targets, reduction, backend=backend, return_grad=return_grad, threads=threads,
+                                 out=out)
 
 
-def binary_focal_loss(inputs, targets, gamma=2.0, reduction="none", *, backend="auto", return_grad=False, threads=None):
+def binary_focal_loss(inputs, targets, gamma=2.0, reduction="none", *, backend="auto", return_grad=False, threads=None, out=None):
     """-(1 - p_t)^gamma log p_t (the note's focal loss, no alpha weighting)."""
     info = _info("sigmoid_focal")
     gamma = _param(info, "gamma", gamma)
-    return _elementwise("sigmoid_focal", inputs, targets, (gamma,), reduction, backend, return_grad, threads)
+    return _elementwise("sigmoid_focal", inputs, targets, (gamma,), reduction, backend, return_grad, threads, out)
 
 
 def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none", *, backend="auto",
-                       return_grad=False, threads=None):
+                       return_grad=False, threads=None, out=None):
     """torchvision.ops.sigmoid_focal_loss: alpha_t*(1 - p_t)^gamma*CE, alpha < 0 means no weighting."""
     info = _info("sigmoid_focal_alpha")
     alpha = _param(info, "alpha", alpha, allow_off=True)
     gamma = _param(info, "gamma", gamma)
-    return _elementwise("sigmoid_focal_alpha", inputs, targets, (alpha, gamma), reduction, backend, return_grad, threads)
+    return _elementwise("sigmoid_focal_alpha", inputs, targets, (alpha, gamma), reduction, backend, return_grad, threads, out)
 
 
-def focal_loss_star(inputs, targets, gamma=2.0, beta=1.0, reduction="none", *, backend="auto", return_grad=False, threads=None):
+def focal_loss_star(inputs, targets, gamma=2.0, beta=1.0, reduction="none", *, backend="auto", return_grad=False, threads=None, out=None):
     """FL* of Lin et al.: -log(sigmoid(gamma*x_t + beta))/gamma, gamma > 0."""
     info = _info("focal_star")
     gamma = _param(info, "gamma", gamma)
     beta = _param(info, "beta", beta)
-    return _elementwise("focal_star", inputs, targets, (gamma, beta), reduction, backend, return_grad, threads)
+    return _elementwise("focal_star", inputs, targets, (gamma, beta), reduction, backend, return_grad, threads, out)
 
 
 # ------------------------------------------------------------------------------------------
@@ -332,25 +395,28 @@ def _ignore_index(ignore_index):
     return ignore_index
 
 
-def _rowwise(name, inputs, targets, alpha_vec, params, ignore_index, reduction, backend, return_grad, threads=None):
+def _rowwise(name, inputs, targets, alpha_vec, params, ignore_index, reduction, backend, return_grad, threads=None,
+             out=None):
     reduction = _reduction(reduction)
     threads = _threads(threads)
     x = _softmax_logits(inputs)
     ignore_index = _ignore_index(ignore_index)
     t = _class_targets(targets, x, ignore_index)
     backend = _backend(backend)
-    loss, grad = _call_rowwise(name, x, t, alpha_vec, params, ignore_index, backend, return_grad, threads)
+    outs = _outputs(out, x, (x.shape[0],), [("inputs", x), ("targets", t), ("alpha", alpha_vec)])
+    loss, grad = _call_rowwise(name, x, t, alpha_vec, params, ignore_index, backend, return_grad or outs[1] is not None,
+                               threads, outs)
     return _reduce(loss, grad, reduction, int(np.count_nonzero(t != ignore_index)), return_grad)
 
 
 def softmax_cross_entropy(inputs, targets, ignore_index=-100, reduction="none", *, backend="auto",
-                          return_grad=False, threads=None):
+                          return_grad=False, threads=None, out=None):
     """-log softmax(x)[t] per row of (N, K) logits; rows with target == ignore_index give 0."""
-    return _rowwise("softmax_ce", inputs, targets, None, (), ignore_index, reduction, backend, return_grad, threads)
+    return _rowwise("softmax_ce", inputs, targets, None, (), ignore_index, reduction, backend, return_grad, threads, out)
 
 
 def softmax_focal_loss(inputs, targets, alpha=None, gamma=2.0, ignore_index=-100, reduction="none", *,
-                       backend="auto", return_grad=False, threads=None):
+                       backend="auto", return_grad=False, threads=None, out=None):
     """-alpha_t (1 - p_t)^gamma log p_t with p = softmax(x) per row; alpha is None (1), a scalar,
     or one weight per class."""
     info = _info("softmax_focal")
@@ -375,4 +441,4 @@ def softmax_focal_loss(inputs, targets, alpha=None, gamma=2.0, ignore_index=-100
         alpha_vec = np.ascontiguousarray(arr, dtype=x_dtype if x_dtype in _DTYPES else np.float64)
         alpha = 1.0
     return _rowwise("softmax_focal", inputs, targets, alpha_vec, (alpha, gamma), ignore_index, reduction, backend,
-                    return_grad, threads)
+                    return_grad, threads, out)

@@ -94,6 +94,93 @@ def test_empty_inputs(backend):
         L.softmax_focal_loss(np.zeros((3, 0)), np.zeros(3, int), backend=backend)
 
 
+_ELEMENTWISE = [
+    ("sigmoid_cross_entropy", {}),
+    ("binary_focal_loss", {"gamma": 0.5}),
+    ("sigmoid_focal_loss", {"alpha": 0.25, "gamma": 2.0}),
+    ("focal_loss_star", {"gamma": 2.0, "beta": 1.0}),
+]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_arrays_are_filled_in_place_with_the_same_values(backend, dtype):
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(40, 3)) * 20).astype(dtype)
+    t = (rng.random((40, 3)) < 0.3).astype(dtype)
+    for name, kw in _ELEMENTWISE:
+        fn = getattr(L, name)
+        fresh = fn(x, t, **kw, backend=backend, return_grad=True)
+        out = (np.full_like(x, np.nan), np.full_like(x, np.nan))
+        got = fn(x, t, **kw, backend=backend, return_grad=True, out=out)
+        assert got[0] is out[0] and got[1] is out[1], name
+        np.testing.assert_array_equal(out[0], fresh[0])
+        np.testing.assert_array_equal(out[1], fresh[1])
+        # a reduction: the scalar returned, the per-element losses in out[0], the gradient scaled in place
+        total, grad = fn(x, t, **kw, backend=backend, reduction="mean", return_grad=True, out=out)
+        assert grad is out[1]
+        np.testing.assert_array_equal(grad, fresh[1] / dtype(x.size))
+        assert total == fn(x, t, **kw, backend=backend, reduction="mean")
+        # the loss alone: no gradient array needed
+        loss = fn(x, t, **kw, backend=backend, out=(np.empty_like(x), None))
+        np.testing.assert_array_equal(loss, fresh[0])
+    xs = (rng.normal(size=(30, 6)) * 10).astype(dtype)
+    tg = rng.integers(0, 6, 30)
+    tg[3] = -100
+    for alpha in (None, 0.25, np.linspace(0.1, 1, 6)):
+        fresh = L.softmax_focal_loss(xs, tg, alpha=alpha, gamma=0.5, backend=backend, return_grad=True)
+        out = (np.full(30, np.nan, dtype), np.full_like(xs, np.nan))
+        got = L.softmax_focal_loss(xs, tg, alpha=alpha, gamma=0.5, backend=backend, return_grad=True, out=out)
+        assert got[0] is out[0] and got[1] is out[1]
+        np.testing.assert_array_equal(out[0], fresh[0])
+        np.testing.assert_array_equal(out[1], fresh[1])
+    out = (np.empty(30, dtype), np.empty_like(xs))
+    total = L.softmax_cross_entropy(xs, tg, backend=backend, reduction="sum", out=out)
+    assert total == L.softmax_cross_entropy(xs, tg, backend=backend, reduction="sum")
+    np.testing.assert_array_equal(out[0], L.softmax_cross_entropy(xs, tg, backend=backend))
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_bad_out_arrays_are_refused_naming_the_argument(backend):
+    x = np.linspace(-5, 5, 12).astype(np.float32)
+    t = (np.arange(12) % 2).astype(np.float32)
+    ok = np.empty_like(x)
+    cases = [
+        ("out", TypeError, "pair", ok),
+        ("out", TypeError, "pair", (ok,)),
+        ("out[0]", TypeError, "None", (None, ok)),
+        ("out[0]", TypeError, "NumPy array", ([0.0] * 12, None)),
+        ("out[0]", TypeError, "dtype", (np.empty(12, np.float64), None)),
+        ("out[0]", ValueError, "shape", (np.empty(11, np.float32), None)),
+        ("out[1]", ValueError, "shape", (ok, np.empty((3, 4), np.float32))),
+        ("out[0]", ValueError, "C-contiguous", (np.empty(24, np.float32)[::2], None)),
+        ("out[0]", ValueError, "inputs", (x, None)),
+        ("out[1]", ValueError, "targets", (ok, t)),
+        ("out[1]", ValueError, "out\\[0\\]", (ok, ok)),
+    ]
+    ro = np.empty_like(x)
+    ro.setflags(write=False)
+    cases.append(("out[0]", ValueError, "read-only", (ro, None)))
+    before = x.copy()
+    for arg, exc, what, out in cases:
+        with pytest.raises(exc, match=f"^{re_escape(arg)}.*{what}|{what}") as info:
+            L.binary_focal_loss(x, t, backend=backend, return_grad=True, out=out)
+        assert str(info.value).startswith(arg), (arg, str(info.value))
+    np.testing.assert_array_equal(x, before)  # nothing was written into the inputs
+    xs = np.zeros((4, 3))
+    with pytest.raises(ValueError, match="out\\[0\\] must have shape \\(4,\\)"):
+        L.softmax_focal_loss(xs, np.zeros(4, int), backend=backend, out=(np.empty((4, 3)), None))
+    alpha = np.ones(3)
+    with pytest.raises(ValueError, match="out\\[0\\] shares memory with alpha"):
+        L.softmax_focal_loss(xs[:1], np.zeros(1, int), alpha=alpha, backend=backend, out=(alpha[:1], None))
+
+
+def re_escape(text):
+    import re
+
+    return re.escape(text)
+
+
 # ------------------------------------------------------------------------------------------
 # derivation files: SymPy's eval path is never used
 
