@@ -288,6 +288,7 @@ def _call_rowwise(name, x, target, alpha_vec, params, ignore_index, backend, wan
     rc = getattr(lib, f"derive_{name}_{dt}")(n, k, _ptr(x, ct), _ptr(target, ctypes.c_int64), *args,
                                               ignore_index, _ptr(loss, ct), _ptr(grad, ct))
     if rc != 0:
+        _check_class_targets(target, k, ignore_index)  # names the bad target, if that was it
         raise ValueError(f"the C kernel {name} rejected its arguments (code {rc})")
     return loss, grad
 
@@ -360,7 +361,10 @@ def focal_loss_star(inputs, targets, gamma=2.0, beta=1.0, reduction="none", *, b
 # softmax family
 
 
-def _class_targets(targets, x, ignore_index, name="targets"):
+def _class_targets(targets, x, ignore_index, name="targets", check=True):
+    """int64 class indices; ``check=False`` leaves the range check to the C kernel, which
+    validates every target before writing anything (then :func:`_check_class_targets` names
+    the bad one)."""
     arr = np.asarray(targets)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array of class indices, got dtype {arr.dtype}")
@@ -369,12 +373,23 @@ def _class_targets(targets, x, ignore_index, name="targets"):
         raise ValueError(f"{name} has shape {arr.shape}, but inputs has {n} rows: expected ({n},)")
     if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{name} holds {arr.max()}, outside [0, {k})")
-    arr = arr.astype(np.int64)
-    bad = (arr != ignore_index) & ((arr < 0) | (arr >= k))
-    if np.any(bad):
-        raise ValueError(f"{name} must hold class indices in [0, {k}) or ignore_index={ignore_index}, "
-                         f"found {arr[bad][0]}")
-    return np.ascontiguousarray(arr)
+    arr = np.ascontiguousarray(arr.astype(np.int64, copy=False))  # int64 targets are not copied
+    if check:
+        _check_class_targets(arr, k, ignore_index, name)
+    return arr
+
+
+def _check_class_targets(arr, k, ignore_index, name="targets"):
+    for lo in range(0, arr.size, _LABEL_CHUNK):  # small temporaries
+        chunk = arr[lo:lo + _LABEL_CHUNK]
+        bad = (chunk != ignore_index) & ((chunk < 0) | (chunk >= k))
+        if np.any(bad):
+            raise ValueError(f"{name} must hold class indices in [0, {k}) or ignore_index={ignore_index}, "
+                             f"found {chunk[bad][0]}")
+
+
+def _count_not_ignored(t, ignore_index):
+    return sum(int(np.count_nonzero(t[lo:lo + _LABEL_CHUNK] != ignore_index)) for lo in range(0, t.size, _LABEL_CHUNK))
 
 
 def _softmax_logits(inputs):
@@ -401,12 +416,13 @@ def _rowwise(name, inputs, targets, alpha_vec, params, ignore_index, reduction, 
     threads = _threads(threads)
     x = _softmax_logits(inputs)
     ignore_index = _ignore_index(ignore_index)
-    t = _class_targets(targets, x, ignore_index)
     backend = _backend(backend)
+    t = _class_targets(targets, x, ignore_index, check=backend != "c")
     outs = _outputs(out, x, (x.shape[0],), [("inputs", x), ("targets", t), ("alpha", alpha_vec)])
     loss, grad = _call_rowwise(name, x, t, alpha_vec, params, ignore_index, backend, return_grad or outs[1] is not None,
                                threads, outs)
-    return _reduce(loss, grad, reduction, int(np.count_nonzero(t != ignore_index)), return_grad)
+    count = _count_not_ignored(t, ignore_index) if reduction == "mean" else t.size
+    return _reduce(loss, grad, reduction, count, return_grad)
 
 
 def softmax_cross_entropy(inputs, targets, ignore_index=-100, reduction="none", *, backend="auto",
