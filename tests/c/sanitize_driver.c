@@ -8,7 +8,9 @@
  * the largest finite values, infinities, NaN and subnormals; labels 0/1; gamma from 0 to 5;
  * softmax with k = 1, 2, 3, 80, ignored rows and invalid targets (which must be refused
  * without writing).  Checks: finite output for finite input, NaN confined to its own
- * element (sigmoid) or row (softmax).  Prints "sanitize driver: N calls, 0 problems".
+ * element (sigmoid) or row (softmax).  Also: derive_first_bad_label around the block size,
+ * the thread-count calls, and calls above DERIVE_PARALLEL_MIN with 2 threads, which must give
+ * the bytes of the serial call.  Prints "sanitize driver: N calls, 0 problems".
  */
 #include <float.h>
 #include <math.h>
@@ -207,12 +209,127 @@ ELEMENTWISE(double, f64, DBL_MAX)
 SOFTMAX(float, f32, FLT_MAX)
 SOFTMAX(double, f64, DBL_MAX)
 
+/* derive_first_bad_label on sizes around the block size, a bad label (2, -1, 0.5, NaN) at
+ * the first, a middle or the last position, or none */
+#define LABELS(T, S)                                                                           \
+    static void labels_##S(void)                                                               \
+    {                                                                                          \
+        static const size_t sizes[] = {0, 1, 2, 1023, 1024, 1025, 3001};                       \
+        const T bad[] = {(T)2, (T)-1, (T)0.5, (T)NAN};                                         \
+        for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++) {                     \
+            const size_t n = sizes[si];                                                        \
+            T *t = malloc((n ? n : 1) * sizeof(T));                                            \
+            for (size_t i = 0; i < n; i++) {                                                   \
+                t[i] = (T)(i % 3 == 0);                                                        \
+            }                                                                                  \
+            calls++;                                                                           \
+            if (derive_first_bad_label_##S(n, t) != n) {                                       \
+                problem("first_bad_label: a good array reported bad", n);                      \
+            }                                                                                  \
+            const size_t where[] = {0, n / 2, n ? n - 1 : 0};                                   \
+            for (size_t w = 0; n && w < 3; w++) {                                              \
+                for (size_t b = 0; b < 4; b++) {                                               \
+                    const T keep = t[where[w]];                                                \
+                    t[where[w]] = bad[b];                                                      \
+                    calls++;                                                                   \
+                    if (derive_first_bad_label_##S(n, t) != where[w]) {                        \
+                        problem("first_bad_label: wrong index", where[w]);                     \
+                    }                                                                          \
+                    t[where[w]] = keep;                                                        \
+                }                                                                              \
+            }                                                                                  \
+            free(t);                                                                           \
+        }                                                                                      \
+    }
+
+/* calls above DERIVE_PARALLEL_MIN with 2 threads: the same bytes as 1 thread, a NaN still
+ * confined to its element / row, every array exactly sized */
+#define THREADED(T, S)                                                                         \
+    static void threaded_##S(void)                                                             \
+    {                                                                                          \
+        const size_t n = DERIVE_PARALLEL_MIN + 37;                                             \
+        T *x = malloc(n * sizeof(T)), *t = malloc(n * sizeof(T));                              \
+        T *l1 = malloc(n * sizeof(T)), *g1 = malloc(n * sizeof(T));                            \
+        T *l2 = malloc(n * sizeof(T)), *g2 = malloc(n * sizeof(T));                            \
+        for (size_t i = 0; i < n; i++) {                                                       \
+            x[i] = (T)(((double)(i % 2001) - 1000.0) / 25.0);                                  \
+            t[i] = (T)(i % 5 == 0);                                                            \
+        }                                                                                      \
+        x[n - 5] = (T)NAN;                                                                     \
+        for (size_t gi = 0; gi < NGAMMAS; gi++) {                                              \
+            derive_set_num_threads(1);                                                         \
+            int rc = derive_sigmoid_focal_##S(n, x, t, (T)GAMMAS[gi], l1, g1);                  \
+            derive_set_num_threads(2);                                                         \
+            rc |= derive_sigmoid_focal_##S(n, x, t, (T)GAMMAS[gi], l2, g2);                     \
+            calls += 2;                                                                        \
+            if (rc != DERIVE_OK || memcmp(l1, l2, n * sizeof(T)) || memcmp(g1, g2, n * sizeof(T))) { \
+                problem("threaded sigmoid differs from serial", gi);                          \
+            }                                                                                  \
+            for (size_t i = 0; i < n; i++) {                                                   \
+                if ((i == n - 5) != (isnan(l2[i]) || isnan(g2[i]))) {                          \
+                    problem("threaded sigmoid: NaN not confined", i);                          \
+                    break;                                                                     \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        /* softmax: n rows of k = 41 classes (not a multiple of the lanes), n*k >= the threshold */ \
+        const size_t k = 41, rows = DERIVE_PARALLEL_MIN / 41 + 3;                              \
+        T *xs = malloc(rows * k * sizeof(T)), *gs1 = malloc(rows * k * sizeof(T));             \
+        T *gs2 = malloc(rows * k * sizeof(T)), *ls1 = malloc(rows * sizeof(T));                \
+        T *ls2 = malloc(rows * sizeof(T));                                                     \
+        int64_t *target = malloc(rows * sizeof(int64_t));                                      \
+        for (size_t i = 0; i < rows * k; i++) {                                                \
+            xs[i] = (T)(((double)(i % 997) - 498.0) / 7.0);                                    \
+        }                                                                                      \
+        for (size_t r = 0; r < rows; r++) {                                                    \
+            target[r] = r % 11 == 0 ? -100 : (int64_t)(r % k);                                 \
+        }                                                                                      \
+        xs[7 * k + 3] = (T)NAN;                                                                \
+        derive_set_num_threads(1);                                                             \
+        int rc = derive_softmax_focal_##S(rows, k, xs, target, NULL, (T)0.25, (T)0.5, -100, ls1, gs1); \
+        derive_set_num_threads(2);                                                             \
+        rc |= derive_softmax_focal_##S(rows, k, xs, target, NULL, (T)0.25, (T)0.5, -100, ls2, gs2); \
+        calls += 2;                                                                            \
+        if (rc != DERIVE_OK || memcmp(ls1, ls2, rows * sizeof(T)) || memcmp(gs1, gs2, rows * k * sizeof(T))) { \
+            problem("threaded softmax differs from serial", rows);                            \
+        }                                                                                      \
+        for (size_t r = 0; r < rows; r++) {                                                    \
+            if ((r == 7) != (isnan(ls2[r]) != 0)) {                                            \
+                problem("threaded softmax: NaN not confined to its row", r);                   \
+                break;                                                                         \
+            }                                                                                  \
+        }                                                                                      \
+        derive_set_num_threads(0);                                                             \
+        free(x); free(t); free(l1); free(g1); free(l2); free(g2);                              \
+        free(xs); free(gs1); free(gs2); free(ls1); free(ls2); free(target);                    \
+    }
+
+LABELS(float, f32)
+LABELS(double, f64)
+THREADED(float, f32)
+THREADED(double, f64)
+
 int main(void)
 {
+    const int vm = derive_vector_math();
+    if (vm != 0 && vm != 1) {
+        problem("derive_vector_math is neither 0 nor 1", (size_t)vm);
+    }
+    derive_set_num_threads(3);
+    if (derive_set_num_threads(0) != 3) {
+        problem("derive_set_num_threads does not return the previous request", 3);
+    }
+    if (derive_get_num_threads() < 1) {
+        problem("derive_get_num_threads below 1", 0);
+    }
     elementwise_f32();
     elementwise_f64();
     softmax_f32();
     softmax_f64();
+    labels_f32();
+    labels_f64();
+    threaded_f32();
+    threaded_f64();
     printf("sanitize driver: %ld calls, %ld problems\n", calls, problems);
     return problems ? 1 : 0;
 }
