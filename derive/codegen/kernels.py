@@ -15,7 +15,7 @@ from pathlib import Path
 import sympy as sp
 
 from ..loader import load_file
-from .printers import C_CONFIGS, c_printer, magnitude_rank, numpy_printer
+from .printers import C_CONFIGS, abs_key, c_printer, magnitude_rank, numpy_printer
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 STABLE_FORMS = PACKAGE_DIR / "derivations" / "stable_forms.toml"
@@ -187,10 +187,45 @@ def print_c(prep: Prepared, dtype: str) -> Printed:
                    {k: pr.doprint(v) for k, v in prep.extra_exprs.items()})
 
 
+_LOGISTIC = ("sigmoid", "softplus")  # the functions that share e^-|v| in the NumPy module
+
+
+def _shared_logistic(temps, reduced):
+    """Which arguments of sigmoid/softplus to share an ``_expabs`` between, and where.
+
+    Returns (negations, shared, lines): temporaries defined as -w, w a symbol (-> w); v -> the name of
+    its shared temporary, for every v (up to sign) that two or more distinct calls use; and
+    [(position in temps, name, v)] for the lines that compute them, each placed before the
+    first temporary that uses it (position len(temps): only the outputs use it)."""
+    negations = {s: -e for s, e in temps if e.is_Mul and e.args[0] == -1 and (-e).is_Symbol}
+    calls, first = {}, {}
+    exprs = [e for _, e in temps] + [reduced[k] for k in reduced]
+    for pos, expr in enumerate(exprs):
+        for node in sp.preorder_traversal(expr):
+            if type(node).__name__ in _LOGISTIC:
+                key = abs_key(node.args[0], negations)
+                calls.setdefault(key, set()).add(node)
+                first.setdefault(key, min(pos, len(temps)))
+    shared, lines = {}, []
+    for key in sorted(calls, key=lambda k: (first[k], sp.default_sort_key(k))):
+        if len(calls[key]) < 2 or not key.is_Symbol:
+            continue  # one call: nothing to share; an expression: no name to hang it on
+        name = "%s_e" % key.name
+        shared[key] = name
+        lines.append((first[key], name, key))
+    return negations, shared, lines
+
+
 def print_numpy(prep: Prepared) -> Printed:
     temps, reduced = _cse(prep.exprs)
-    pr = numpy_printer(_ranks(temps))
-    return Printed([(str(s), pr.doprint(e)) for s, e in temps], {k: pr.doprint(v) for k, v in reduced.items()},
+    negations, shared, lines = _shared_logistic(temps, reduced)
+    pr = numpy_printer(_ranks(temps), shared, negations)
+    printed = [(str(s), pr.doprint(e)) for s, e in temps]
+    for pos, name, key in reversed(lines):  # from the last position: earlier ones stay valid
+        v = pr.doprint(key)
+        printed.insert(pos, (name, "_expabs(%s)  # e^-|%s|, 1 + e^-|%s|: shared by sigmoid and softplus of +-%s"
+                             % (v, v, v, v)))
+    return Printed(printed, {k: pr.doprint(v) for k, v in reduced.items()},
                    {k: pr.doprint(v) for k, v in prep.extra_exprs.items()})
 
 

@@ -6,6 +6,10 @@ NumPy module).  The subclasses only add the functions SymPy does not know: ``sig
 ``softplus`` and ``xexpm1inv`` become calls to small helpers defined once in each template, so
 that ``softplus`` is printed as a softplus, never as ``log(1 + exp(...))``.  ``log1p`` and
 ``expm1`` are SymPy's and print as themselves.
+
+NumPy only (the C output does not depend on it): sigmoid and softplus calls whose arguments
+agree up to sign take the name of a shared ``_expabs(v)`` temporary, and a power with a
+symbolic exponent (gamma) prints as ``_pow``, which has shortcuts for gamma = 0, 1/2, 1, 2.
 """
 from __future__ import annotations
 
@@ -126,7 +130,15 @@ class KernelCPrinter(_SafeMulMixin, C99CodePrinter):
 
 
 class KernelNumPyPrinter(_SafeMulMixin, NumPyPrinter):
-    """NumPy expressions (module alias ``numpy``); helpers are module-level functions."""
+    """NumPy expressions (module alias ``numpy``); helpers are module-level functions.
+
+    ``shared`` maps an argument v (up to sign, see :func:`abs_key`) to the name of a temporary
+    holding ``_expabs(v)`` = (e^-|v|, 1 + e^-|v|): sigmoid(+-v) and softplus(+-v) then print
+    as ``_sigmoid(v, name)`` / ``_softplus(v, name)`` and share one exp.  ``negations`` maps a
+    temporary defined as -w to w, so that c2 = -c1 and c1 share."""
+
+    shared: dict = {}
+    negations: dict = {}
 
     def __init__(self):
         super().__init__({"fully_qualified_modules": True, "strict": True})
@@ -134,24 +146,48 @@ class KernelNumPyPrinter(_SafeMulMixin, NumPyPrinter):
     def _helper(self, name, expr):
         return "_%s(%s)" % (name, self._print(expr.args[0]))
 
+    def _shared_helper(self, name, expr):
+        arg = expr.args[0]
+        shared = self.shared.get(abs_key(arg, self.negations))
+        if shared is None:
+            return self._helper(name, expr)
+        return "_%s(%s, %s)" % (name, self._print(arg), shared)
+
     def _print_sigmoid(self, expr):
-        return self._helper("sigmoid", expr)
+        return self._shared_helper("sigmoid", expr)
 
     def _print_softplus(self, expr):
-        return self._helper("softplus", expr)
+        return self._shared_helper("softplus", expr)
 
     def _print_xexpm1inv(self, expr):
         return self._helper("xexpm1inv", expr)
 
     def _print_Pow(self, expr, rational=False):
-        # numpy.power keeps pow(0, 0) = 1, which gamma = 0 needs.
+        # numpy.power and _pow keep pow(0, 0) = 1, which gamma = 0 needs; _pow (a scalar
+        # exponent such as gamma) takes exact shortcuts for 0, 1/2, 1 and 2.
         base, exp = expr.as_base_exp()
         if exp.is_Integer and exp == -1:
             return "1/%s" % self.parenthesize(base, 1000)
-        return "numpy.power(%s, %s)" % (self._print(base), self._print(exp))
+        if exp.is_Number:
+            return "numpy.power(%s, %s)" % (self._print(base), self._print(exp))
+        return "_pow(%s, %s)" % (self._print(base), self._print(exp))
 
     def _print_D(self, expr):  # pragma: no cover
         raise ValueError("an unresolved derivative D(...) cannot be printed as code")
+
+
+def abs_key(arg, negations=None):
+    """The v with arg = v or arg = -v (-v written as -1*v, or a temporary defined as -v), so
+    that sigmoid(v), sigmoid(-v), softplus(v) and softplus(-v) are grouped: |arg| = |v|."""
+    negations = negations or {}
+    for _ in range(len(negations) + 1):
+        if arg.is_Mul and arg.args[0] == -1:
+            arg = -arg
+        elif arg in negations:
+            arg = negations[arg]
+        else:
+            break
+    return arg
 
 
 def c_printer(dtype: str, ranks=None) -> KernelCPrinter:
@@ -160,10 +196,12 @@ def c_printer(dtype: str, ranks=None) -> KernelCPrinter:
     return p
 
 
-def numpy_printer(ranks=None) -> KernelNumPyPrinter:
+def numpy_printer(ranks=None, shared=None, negations=None) -> KernelNumPyPrinter:
     p = KernelNumPyPrinter()
     p.ranks = dict(ranks or {})
+    p.shared = dict(shared or {})
+    p.negations = dict(negations or {})
     return p
 
 
-__all__ = ["magnitude_rank", "CConfig", "C_CONFIGS", "KernelCPrinter", "KernelNumPyPrinter", "c_printer", "numpy_printer", "sp"]
+__all__ = ["magnitude_rank", "abs_key", "CConfig", "C_CONFIGS", "KernelCPrinter", "KernelNumPyPrinter", "c_printer", "numpy_printer", "sp"]

@@ -61,7 +61,11 @@ def _float_dtype(*args):
 def _unary(name, mp_fn):
     np_fn = getattr(np, name)
 
-    def fn(a):
+    def fn(a, out=None):
+        """``out``: an array to write the result into (and return), as NumPy's ``out=``."""
+        if out is not None:
+            np.copyto(out, fn(a))
+            return out
         arr = np.asarray(a)
         dt = _float_dtype(a)
         arr = arr.astype(dt, copy=False)
