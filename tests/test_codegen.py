@@ -169,3 +169,54 @@ def test_stable_chains_start_from_the_notes_closed_forms():
                                          nctx.names["gamma"]: sp.nsimplify(g)}), 30)
             b = _mp(me, mctx, {"u": u, "alpha": "0.25", "gamma": g})
             assert abs(mpmath.mpf(a) - b) < mpmath.mpf(10) ** -20, (u, g)
+
+
+def _py_kernel(py, name):
+    start = py.index(f"\ndef {name}(")
+    end = py.find("\ndef ", start + 1)
+    return py[start:end if end >= 0 else len(py)]
+
+
+def test_numpy_kernels_share_one_exp_and_take_power_shortcuts(rendered):
+    """sigmoid(+-v) and softplus(+-v) of one v share e^-|v| (one _expabs per kernel, no other
+    exp); a power of gamma goes through _pow; every kernel takes loss= and grad=."""
+    py = rendered["focal_kernels.py"]
+    for dt in ("f32", "f64"):
+        for name in ("sigmoid_ce", "sigmoid_focal", "sigmoid_focal_alpha", "focal_star"):
+            body = _py_kernel(py, f"{name}_{dt}")
+            assert body.count("_expabs(") == 1, (name, dt)
+            shared = re.search(r"(\w+_e) = _expabs\(", body).group(1)
+            calls = re.findall(r"_(?:sigmoid|softplus)\(([^()]*)\)", body)
+            assert calls and all(c.endswith(", " + shared) for c in calls), (name, dt, calls)
+            assert "numpy.exp(" not in body and "numpy.where(" not in body and "numpy.power(" not in body
+            assert "loss=None, grad=None):" in body and "for lo in range(0, xs.size, _BLOCK):" in body
+            if name != "sigmoid_ce" and name != "focal_star":
+                assert "_pow(" in body and ", gamma)" in body
+        for name in ("softmax_ce", "softmax_focal"):
+            body = _py_kernel(py, f"{name}_{dt}")
+            assert "ignore_index, loss=None, grad=None):" in body and "numpy.power(" not in body
+        assert "_pow(-c0, gamma)" in _py_kernel(py, f"softmax_focal_{dt}")
+
+
+def test_sharing_follows_the_printed_expressions(tmp_path):
+    """With softplus written out as log1p(exp(-x_t)), sigmoid_ce has one sigmoid left: nothing
+    to share, and the exp of the written-out form is printed as it stands."""
+    from derive.codegen import render_all
+
+    text = STABLE.read_text()
+    old = '{ expr = "softplus(-x_t)", rule = "softplus(v) = log(1 + e^v), evaluated as max(v, 0) + log1p(e^(-|v|))" },'
+    changed = tmp_path / "stable_forms.toml"
+    changed.write_text(text.replace(old, old + '\n  { expr = "log1p(exp(-x_t))", rule = "test" },'))
+    body = _py_kernel(render_all(derivations=changed)["focal_kernels.py"], "sigmoid_ce_f64")
+    assert "_expabs(" not in body and "numpy.log1p(numpy.exp(" in body and "_sigmoid(c" in body
+
+
+def test_abs_key_groups_arguments_up_to_sign():
+    import sympy as sp
+
+    from derive.codegen.printers import abs_key
+
+    c1, c2, x = sp.symbols("c1 c2 x", real=True)
+    assert abs_key(-c1) == c1 and abs_key(c1) == c1
+    assert abs_key(c2, {c2: c1}) == c1 and abs_key(-c2, {c2: c1}) == c1
+    assert abs_key(2 * x) == 2 * x and abs_key(-2 * x) == -2 * x  # only exact negations

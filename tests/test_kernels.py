@@ -405,6 +405,165 @@ def test_bad_arguments_name_the_argument(call, exc, word):
 
 
 # ------------------------------------------------------------------------------------------
+# the generated NumPy module itself: outputs given, blocks, shortcuts, memory
+
+
+def _np_module():
+    return cbuild.load_numpy_module()
+
+
+def _np_cases(dtype):
+    """(kernel function, positional arguments, output shapes) for every NumPy kernel."""
+    mod = _np_module()
+    sfx = "f32" if dtype == np.float32 else "f64"
+    rng = np.random.default_rng(21)
+    big = float(np.finfo(dtype).max)
+    x = np.concatenate([rng.uniform(-30, 30, 340), [0.0, 1e4, -1e4, big, -big]]).astype(dtype).reshape(5, 69)
+    t = (rng.random(x.shape) < 0.5).astype(dtype)
+    x[2, 7] = np.nan
+    d = dtype
+    cases = [(f"sigmoid_ce_{sfx}", (x, t)), (f"sigmoid_focal_{sfx}", (x, t, d(0.5))),
+             (f"sigmoid_focal_{sfx}", (x, t, d(0.0))), (f"sigmoid_focal_{sfx}", (x, t, d(0.25))),
+             (f"sigmoid_focal_alpha_{sfx}", (x, t, d(0.25), d(2.0))), (f"sigmoid_focal_alpha_{sfx}", (x, t, d(-1), d(1.0))),
+             (f"focal_star_{sfx}", (x, t, d(2.0), d(1.0)))]
+    out = [(getattr(mod, name), args, (x.shape, x.shape)) for name, args in cases]
+    for k in (1, 2, 7):
+        xs = rng.uniform(-30, 30, size=(41, k)).astype(dtype)
+        xs[3, 0] = 1e3
+        xs[4, :] = big
+        xs[5, -1] = np.nan
+        ts = rng.integers(0, k, 41)
+        ts[[6, 7, 40]] = -100
+        ts[5 if k > 1 else 8] = -100  # an ignored row that holds a NaN (k > 1), or not
+        alphas = (d(0.25), np.linspace(0.1, 1, k).astype(dtype))
+        out.append((getattr(mod, f"softmax_ce_{sfx}"), (xs, ts, -100), ((41,), xs.shape)))
+        for alpha, gamma in zip(alphas, (d(0.5), d(2.0))):
+            out.append((getattr(mod, f"softmax_focal_{sfx}"), (xs, ts, alpha, gamma, -100), ((41,), xs.shape)))
+    return out
+
+
+def _same(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numpy_kernels_fill_and_return_the_outputs_they_are_given(dtype):
+    for fn, args, (lshape, gshape) in _np_cases(dtype):
+        want = fn(*args)
+        loss, grad = np.full(lshape, 7.0, dtype=dtype), np.full(gshape, 7.0, dtype=dtype)
+        got = fn(*args, loss=loss, grad=grad)
+        assert got[0] is loss and got[1] is grad, fn.__name__
+        assert _same(loss, want[0]) and _same(grad, want[1]), fn.__name__
+        only_loss = fn(*args, loss=np.empty(lshape, dtype=dtype))  # one given, the other allocated
+        assert _same(only_loss[0], want[0]) and _same(only_loss[1], want[1]), fn.__name__
+    mod = _np_module()
+    sfx = "f32" if dtype == np.float32 else "f64"
+    e = np.empty((0,), dtype=dtype)
+    loss, grad = np.empty((0,), dtype=dtype), np.empty((0,), dtype=dtype)
+    assert getattr(mod, f"sigmoid_focal_{sfx}")(e, e, dtype(2), loss=loss, grad=grad) == (loss, grad)
+    xs, ts = np.empty((0, 4), dtype=dtype), np.empty((0,), dtype=np.int64)
+    loss, grad = getattr(mod, f"softmax_focal_{sfx}")(xs, ts, dtype(1), dtype(2), -100)
+    assert loss.shape == (0,) and grad.shape == (0, 4) and loss.dtype == grad.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numpy_results_do_not_depend_on_the_block_sizes(dtype, monkeypatch):
+    """Tiny blocks (a NaN, +-max and ignored rows land on every kind of boundary) give the
+    same bits as the default blocks; a NaN still only reaches its own element or row."""
+    mod = _np_module()
+    want = [fn(*args) for fn, args, _ in _np_cases(dtype)]
+    for block, row_block, rows in ((7, 13, 3), (64, 5, 1), (1, 1, 100)):
+        monkeypatch.setattr(mod, "_BLOCK", block)
+        monkeypatch.setattr(mod, "_ROW_BLOCK", row_block)
+        monkeypatch.setattr(mod, "_ROWS", rows)
+        for (fn, args, _), (wl, wg) in zip(_np_cases(dtype), want):
+            loss, grad = fn(*args)
+            assert _same(loss, wl) and _same(grad, wg), (fn.__name__, block, row_block, rows)
+    for (fn, args, _), (loss, grad) in zip(_np_cases(dtype), want):
+        if fn.__name__.startswith("softmax"):
+            ts = args[1]
+            assert np.all(loss[ts == -100] == 0) and np.all(grad[ts == -100] == 0), fn.__name__
+            nan_rows = np.isnan(args[0]).any(axis=1) & (ts != -100)
+            assert np.all(np.isnan(loss) == nan_rows), fn.__name__
+            assert np.all(np.isnan(grad).any(axis=1) == nan_rows), fn.__name__
+            assert np.all(np.isnan(grad[nan_rows])), fn.__name__
+        else:
+            nan = np.isnan(args[0])
+            assert np.array_equal(np.isnan(loss), nan) and np.array_equal(np.isnan(grad), nan), fn.__name__
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pow_shortcuts_are_correctly_rounded_and_keep_pow_0_0(dtype):
+    """_pow's gamma = 2, 1, 1/2, 0 shortcuts give the correctly rounded b**gamma, and
+    numpy.power's special cases: pow(0, 0) = pow(NaN, 0) = 1, NaN otherwise stays NaN."""
+    import mpmath
+
+    pw = _np_module()._pow
+    tiny = float(np.finfo(dtype).smallest_subnormal)
+    rng = np.random.default_rng(4)
+    b = np.concatenate([rng.random(200), rng.random(50) * 1e-20, [0.0, 1.0, tiny, 2 * tiny, 0.5, 1 - 1e-7]]).astype(dtype)
+    bits = 24 if dtype == np.float32 else 53
+    for p in (2.0, 1.0, 0.5, 0.0):
+        got = np.broadcast_to(pw(b, dtype(p)), b.shape)
+        for v, g in zip(b.tolist(), got.tolist()):
+            with mpmath.workprec(200):
+                exact = mpmath.power(mpmath.mpf(v), mpmath.mpf(p)) if (v, p) != (0.0, 0.0) else mpmath.mpf(1)
+            with mpmath.workprec(bits):
+                rounded = float(+exact)
+            assert g == float(dtype(rounded)), (p, v, g, rounded)
+    special = np.array([np.nan, 0.0], dtype=dtype)
+    for p in (2.0, 1.0, 0.5, 0.0, 0.25):
+        got = np.broadcast_to(pw(special, dtype(p)), special.shape)
+        want = np.power(special, dtype(p))
+        assert np.array_equal(got, want, equal_nan=True), p
+    assert np.array_equal(pw(b, dtype(0.25)), np.power(b, dtype(0.25)))
+
+
+def test_numpy_kernels_never_promote_silently():
+    """A float64 NumPy scalar would turn a float32 block into float64: that is an error, not a
+    silent cast; Python numbers (as the docs pass them) are fine."""
+    mod = _np_module()
+    x = np.linspace(-3, 3, 9).astype(np.float32)
+    t = (x > 0).astype(np.float32)
+    for gamma in (0.5, 2, 0.3):
+        loss, grad = mod.sigmoid_focal_f32(x, t, gamma)
+        assert loss.dtype == grad.dtype == np.float32
+    loss, grad = mod.softmax_focal_f32(np.stack([x, -x], axis=1), np.zeros(9, np.int64), 0.25, 0.3, -100)
+    assert loss.dtype == grad.dtype == np.float32
+    with pytest.raises(TypeError):
+        mod.sigmoid_focal_f32(x, t, np.float64(0.3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numpy_kernels_work_in_blocks_not_in_array_sized_temporaries(dtype):
+    """Peak memory of a call with its outputs given stays at a few blocks, however large the
+    input (NumPy reports its arrays to tracemalloc); before blocks it was some 15 copies."""
+    import tracemalloc
+
+    mod = _np_module()
+    sfx = "f32" if dtype == np.float32 else "f64"
+    n = 1 << 20
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-30, 30, n).astype(dtype)
+    t = (rng.random(n) < 0.5).astype(dtype)
+    xs, ts = x.reshape(-1, 64), rng.integers(0, 64, n // 64)
+    calls = [lambda: getattr(mod, f"sigmoid_focal_{sfx}")(x, t, dtype(0.3), loss=np.empty_like(x), grad=np.empty_like(x)),
+             lambda: getattr(mod, f"focal_star_{sfx}")(x, t, dtype(2), dtype(1), loss=np.empty_like(x),
+                                                       grad=np.empty_like(x)),
+             lambda: getattr(mod, f"softmax_focal_{sfx}")(xs, ts, dtype(0.25), dtype(0.3), -100,
+                                                          loss=np.empty(n // 64, dtype), grad=np.empty_like(xs))]
+    for call in calls:
+        outputs = x.nbytes + x.nbytes + (n // 64) * x.itemsize  # allocated by the lambdas, at most
+        tracemalloc.start()
+        try:
+            call()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak - outputs < x.nbytes // 2, (peak, outputs)
+
+
+# ------------------------------------------------------------------------------------------
 # the C build: cache, corrupt entries, missing compiler, a plain C program
 
 
