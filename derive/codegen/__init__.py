@@ -28,7 +28,9 @@ OUTPUTS = {
 
 #: Whether the NumPy module's float32 kernels would evaluate in float64 and round once (the
 #: module then says so).  Off: NumPy's own float32 exp/log1p/power keep every kernel within
-#: 1.2e-6 of the exact values (`make accuracy`), inside the 2e-6 bound, so nothing is promoted.
+#: 1.2e-6 of the exact values (`make accuracy`), inside the 2e-6 bound, so nothing is promoted
+#: (the float32 softmax forms e^(x_j - max) in float64, where the difference is exact, and
+#: rounds it once, as FL*'s z = gamma*x_t + beta is formed exactly in float64).
 #: The C float32 kernels never promote either (expf, log1pf, powf, ...), except FL*'s
 #: z = gamma*x_t + beta, whose float product is formed exactly in double.
 NUMPY_F32_PROMOTED = False
