@@ -214,25 +214,14 @@ def _ptr(arr, ct):
     return arr.ctypes.data_as(ctypes.POINTER(ct)) if arr is not None else None
 
 
-def _fill(out_loss, out_grad, loss, grad, want_grad):
-    """The NumPy backend's results, copied into the caller's outputs where given."""
-    if out_loss is not None:
-        np.copyto(out_loss, loss)
-        loss = out_loss
-    if out_grad is not None:
-        np.copyto(out_grad, grad)
-        return loss, out_grad
-    return loss, (grad if want_grad else None)
-
-
 def _call_elementwise(name, x, t, params, backend, want_grad, threads=0, out=(None, None)):
     dt = _DTYPES[x.dtype]
     out_loss, out_grad = out
     if backend == "numpy":
         fn = getattr(cbuild.load_numpy_module(), f"{name}_{dt}")
         typed = [x.dtype.type(p) for p in params]
-        loss, grad = fn(x, t, *typed)
-        return _fill(out_loss, out_grad, loss, grad, want_grad)
+        loss, grad = fn(x, t, *typed, loss=out_loss, grad=out_grad)  # filled in place when given
+        return loss, (grad if want_grad else None)
     import ctypes
 
     lib = cbuild.load()
@@ -266,8 +255,8 @@ def _call_rowwise(name, x, target, alpha_vec, params, ignore_index, backend, wan
                 args.append(alpha_vec)
             else:
                 args.append(x.dtype.type(p))
-        loss, grad = fn(x, target, *args, ignore_index)
-        return _fill(out_loss, out_grad, loss, grad, want_grad)
+        loss, grad = fn(x, target, *args, ignore_index, loss=out_loss, grad=out_grad)
+        return loss, (grad if want_grad else None)
     import ctypes
 
     lib = cbuild.load()
