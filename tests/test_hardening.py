@@ -163,7 +163,7 @@ def test_bad_out_arrays_are_refused_naming_the_argument(backend):
     cases.append(("out[0]", ValueError, "read-only", (ro, None)))
     before = x.copy()
     for arg, exc, what, out in cases:
-        with pytest.raises(exc, match=f"^{re_escape(arg)}.*{what}|{what}") as info:
+        with pytest.raises(exc, match=what) as info:
             L.binary_focal_loss(x, t, backend=backend, return_grad=True, out=out)
         assert str(info.value).startswith(arg), (arg, str(info.value))
     np.testing.assert_array_equal(x, before)  # nothing was written into the inputs
@@ -173,12 +173,6 @@ def test_bad_out_arrays_are_refused_naming_the_argument(backend):
     alpha = np.ones(3)
     with pytest.raises(ValueError, match="out\\[0\\] shares memory with alpha"):
         L.softmax_focal_loss(xs[:1], np.zeros(1, int), alpha=alpha, backend=backend, out=(alpha[:1], None))
-
-
-def re_escape(text):
-    import re
-
-    return re.escape(text)
 
 
 # ------------------------------------------------------------------------------------------
