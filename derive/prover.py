@@ -412,10 +412,38 @@ class Prover:
             return agree, None, skipped
 
     # -- symbolic ----------------------------------------------------------------------------
-    def _case_values(self, syms):
+    def _case_values(self, syms, expr=None):
+        """Every combination of the finite label values, times the sign cases of ``expr``:
+        each real symbol inside an ``abs`` or a ``where`` condition is taken as +s', -s'
+        (s' > 0) and 0, which covers the reals, so that abs and where resolve in each case."""
         finite = sorted((s for s in syms if s in self.ctx.domains and self.ctx.domains[s].is_finite),
                         key=lambda s: s.name)
-        return [dict(zip(finite, vals)) for vals in itertools.product(*[self.ctx.domains[s].values for s in finite])]
+        cases = [dict(zip(finite, vals)) for vals in itertools.product(*[self.ctx.domains[s].values for s in finite])]
+        signed = self._sign_symbols(expr) if expr is not None else []
+        if not signed:
+            return cases
+        signs = []
+        for s in signed:
+            pos = sp.Symbol(f"{s.name}__pos", positive=True)
+            signs.append((pos, -pos, sp.S.Zero))
+        return [{**case, **dict(zip(signed, vals))} for case in cases for vals in itertools.product(*signs)]
+
+    def _sign_symbols(self, expr, limit=3):
+        """Real symbols of unbounded domain under abs or in a where condition (at most ``limit``)."""
+        found = set()
+        for node in sp.preorder_traversal(expr):
+            if isinstance(node, sp.Abs):
+                found |= node.args[0].free_symbols
+            elif isinstance(node, sp.Piecewise):
+                for _, cond in node.args:
+                    if not isinstance(cond, bool):
+                        found |= getattr(cond, "free_symbols", set())
+        out = []
+        for s in sorted(found, key=lambda s: s.name):
+            dom = self.ctx.domains.get(s)
+            if s.is_real and (dom is None or (not dom.is_finite and dom.lo is None and dom.hi is None)):
+                out.append(s)
+        return out[:limit] if len(out) <= limit else []
 
     def _param_subs(self, syms, atoms_ok=True):
         subs = {}
@@ -437,7 +465,7 @@ class Prover:
 
         def atoms():
             syms = d_atoms.free_symbols
-            for case in self._case_values(syms):
+            for case in self._case_values(syms, d_atoms):
                 e = d_atoms.xreplace(case)
                 e = e.xreplace(self._param_subs(e.free_symbols))
                 if not _is_zero(normalise(e)):
@@ -446,7 +474,7 @@ class Prover:
 
         def expanded():
             syms = d_full.free_symbols
-            for case in self._case_values(syms):
+            for case in self._case_values(syms, d_full):
                 e = d_full.xreplace(case)
                 e = rewrite_elementary(e)
                 e = e.xreplace(self._param_subs(e.free_symbols, atoms_ok=False))
@@ -458,7 +486,7 @@ class Prover:
             return True
 
         def simplified():
-            for case in self._case_values(d_full.free_symbols):
+            for case in self._case_values(d_full.free_symbols, d_full):
                 e = rewrite_elementary(d_full.xreplace(case))
                 e = e.xreplace(self._param_subs(e.free_symbols, atoms_ok=False))
                 if sp.simplify(e) != 0:

@@ -150,6 +150,8 @@ def rowwise(name, x, target, alpha, gamma, ignore_index=-100):
             xs = [_mpf(v) for v in row]
             lse = mpmath.log(mpmath.fsum(mpmath.exp(v) for v in xs))
             u = xs[tr] - lse
+            if abs(u) < mpmath.mpf(10) ** (-dps + 5):
+                u = mpmath.mpf(0)  # p_t = 1 to the working precision (a single class: log e^x rounds to x +- ulp)
             a = float(alpha_arr[tr]) if alpha_arr is not None else float(1.0 if alpha is None else alpha)
             pv = {"alpha": _mpf(a), "gamma": _mpf(gamma)}
             params = [pv[p] for p in spec.params]

@@ -203,3 +203,19 @@ def test_readme_lists_the_errata_the_tool_found(note_report):
     listed = {(i, d, c, int(k)) for i, d, c, k in rows}
     found = {(e.id, e.derivation, e.chain, e.line) for e in note_report.errata}
     assert listed == found
+
+
+def test_abs_and_where_are_proved_by_a_sign_split(tmp_path, capsys):
+    p = tmp_path / "signs.toml"
+    p.write_text('[symbols]\nv = "real"\n[[derivation]]\nid = "d"\n'
+                 '[[derivation.chain]]\nid = "softplus"\n'
+                 'lines = ["log(1 + exp(v))", "where(v > 0, v, 0) + log1p(exp(-abs(v)))"]\n'
+                 '[[derivation.chain]]\nid = "abs"\nlines = ["abs(v)", "where(v > 0, v, -v)"]\n'
+                 '[[derivation.chain]]\nid = "at_zero"\nlines = ["where(v >= 0, 1, 0)", "where(v > 0, 1, 0)"]\n')
+    rc = main(["verify", "--json", str(p)])
+    data = json.loads(capsys.readouterr().out)
+    by_chain = {c["chain"]: c for c in data["checks"] if c["step"] != "end-to-end"}
+    assert by_chain["softplus"]["verdict"] == PROVED and by_chain["abs"]["verdict"] == PROVED
+    # wrong only at v = 0: the v = 0 case of the split keeps it from being proved
+    assert by_chain["at_zero"]["verdict"] != PROVED
+    assert rc == 1

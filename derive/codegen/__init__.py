@@ -139,6 +139,7 @@ def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR)
     models = [_kernel_model(p, file) for p in preps]
     dtypes = [
         {"dtype": dt, "ctype": cfg.ctype, "suffix": cfg.suffix, "max_name": cfg.max_name,
+         "exp_zero": cfg.exp_zero,
          "name": "float32" if dt == "f32" else "float64", "promote": dt == "f32" and NUMPY_F32_PROMOTED}
         for dt, cfg in _k.C_CONFIGS.items()
     ]

@@ -15,7 +15,7 @@ from pathlib import Path
 import sympy as sp
 
 from ..loader import load_file
-from .printers import C_CONFIGS, abs_key, c_printer, magnitude_rank, numpy_printer
+from .printers import C_CONFIGS, abs_key, c_printer, magnitude_rank, numpy_printer, with_sigmoid_pow
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 STABLE_FORMS = PACKAGE_DIR / "derivations" / "stable_forms.toml"
@@ -181,7 +181,7 @@ def _ranks(temps):
 
 
 def print_c(prep: Prepared, dtype: str) -> Printed:
-    temps, reduced = _cse(prep.exprs)
+    temps, reduced = _cse({k: with_sigmoid_pow(v) for k, v in prep.exprs.items()})
     pr = c_printer(dtype, _ranks(temps))
     return Printed([(str(s), pr.doprint(e)) for s, e in temps], {k: pr.doprint(v) for k, v in reduced.items()},
                    {k: pr.doprint(v) for k, v in prep.extra_exprs.items()})

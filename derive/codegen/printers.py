@@ -41,7 +41,7 @@ def magnitude_rank(expr, ranks=None) -> int:
     if expr.is_Symbol:
         return 2 if expr.name in UNBOUNDED_NAMES else 1
     name = type(expr).__name__
-    if name == "sigmoid" or (name == "exp" and _rank_arg(expr, ranks) <= 2):
+    if name in ("sigmoid", "sigmoid_pow") or (name == "exp" and _rank_arg(expr, ranks) <= 2):
         return 0
     if name in ("softplus", "xexpm1inv", "log", "log1p"):
         return 2
@@ -89,6 +89,20 @@ class _SafeMulMixin:
         return sign + text
 
 
+class sigmoid_pow(sp.Function):
+    """sigmoid(v)^g with a symbolic g, kept whole through the C kernels' CSE so that it prints
+    as one helper call, evaluated in log space (kernel_helpers.sigmoid_power in
+    stable_forms.toml proves the form the helper evaluates)."""
+
+    nargs = 2
+
+
+def with_sigmoid_pow(expr):
+    """Replace sigmoid(v)^g (g not a number) by sigmoid_pow(v, g)."""
+    return expr.replace(lambda e: e.is_Pow and type(e.base).__name__ == "sigmoid" and not e.exp.is_Number,
+                        lambda e: sigmoid_pow(e.base.args[0], e.exp))
+
+
 @dataclass(frozen=True)
 class CConfig:
     """How one floating type is spelt in C."""
@@ -97,11 +111,12 @@ class CConfig:
     ctype: str  # "float" / "double"
     suffix: str  # suffix of the helpers and of the libm functions: "f" / ""
     max_name: str  # FLT_MAX / DBL_MAX
+    exp_zero: str  # a w > 0 with e^-w = 0 in this type (its smallest subnormal is e^-103.3 / e^-744.4)
 
 
 C_CONFIGS = {
-    "f32": CConfig("f32", "float", "f", "FLT_MAX"),
-    "f64": CConfig("f64", "double", "", "DBL_MAX"),
+    "f32": CConfig("f32", "float", "f", "FLT_MAX", "128"),
+    "f64": CConfig("f64", "double", "", "DBL_MAX", "1024"),
 }
 
 
@@ -124,6 +139,10 @@ class KernelCPrinter(_SafeMulMixin, C99CodePrinter):
 
     def _print_xexpm1inv(self, expr):
         return self._helper("xexpm1inv", expr)
+
+    def _print_sigmoid_pow(self, expr):
+        v, g = expr.args
+        return "derive_sigmoid_pow%s(%s, %s)" % (self.config.suffix, self._print(v), self._print(g))
 
     def _print_D(self, expr):  # pragma: no cover - a derivative can never reach a kernel
         raise ValueError("an unresolved derivative D(...) cannot be printed as code")
@@ -204,4 +223,4 @@ def numpy_printer(ranks=None, shared=None, negations=None) -> KernelNumPyPrinter
     return p
 
 
-__all__ = ["magnitude_rank", "abs_key", "CConfig", "C_CONFIGS", "KernelCPrinter", "KernelNumPyPrinter", "c_printer", "numpy_printer", "sp"]
+__all__ = ["magnitude_rank", "sigmoid_pow", "with_sigmoid_pow", "abs_key", "CConfig", "C_CONFIGS", "KernelCPrinter", "KernelNumPyPrinter", "c_printer", "numpy_printer", "sp"]
