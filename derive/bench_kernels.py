@@ -1,7 +1,8 @@
 """Kernel timings beside what people would use instead: forward + backward per element.
 
-One process run measures every row of one configuration back to back (warm-up first, then
-the median of repeated runs), so the ratios hold on a noisy machine.  Configurations:
+One process run measures every row of one configuration back to back (a quarter second of
+idle, so that the previous row's spin-waiting thread pools have gone to sleep, then a warm-up,
+then the median of repeated runs), so the ratios hold on a noisy machine.  Configurations:
 sigmoid focal loss on 10^7 logits and softmax focal loss on (131072, 80), float32 and
 float64, gamma = 2 and 0.5, 1 thread and all threads.  Rows:
 
@@ -42,7 +43,14 @@ GAMMAS = (2.0, 0.5)
 DTYPES = ("float32", "float64")
 
 
-def _timeit(fn, repeats, budget_s=4.0):
+#: seconds of idle before each row: thread pools that spin-wait after use (OpenMP's, XLA's)
+#: go to sleep, so that no row runs beside the previous row's spinning threads
+SETTLE_S = 0.25
+
+
+def _timeit(fn, repeats, budget_s=4.0, settle_s=0.0):
+    if settle_s:
+        time.sleep(settle_s)
     fn()  # warm-up (compilation, first-touch of caches)
     times = []
     start = time.perf_counter()
@@ -313,7 +321,7 @@ def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, gammas=GAMMAS, dtypes=
                     floor_s, bw = floors[kind]
                     for name, fn in rows:
                         try:
-                            med, reps = _timeit(fn, repeats)
+                            med, reps = _timeit(fn, repeats, settle_s=SETTLE_S)
                         except Exception as exc:  # a peer that fails is reported, not fatal
                             skipped[name] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
                             continue
