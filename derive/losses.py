@@ -26,7 +26,11 @@ dtype, C-contiguous, writeable, and sharing no memory with the inputs or each ot
 The C backend only; results do not depend on it.
 
 Binary labels are 0 or 1 (any numeric or bool dtype); softmax targets are integer class
-indices, or ``ignore_index`` for rows that get zero loss and zero gradient.
+indices, or ``ignore_index`` for rows that get zero loss and zero gradient.  Any other label
+or target raises ValueError naming it.  The C backend checks binary labels of the logits'
+dtype in the pass that computes the outputs (no pass of its own over the labels), so with
+``out=`` those arrays have been written when that error is raised; every other argument
+error is raised before anything is written.
 """
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ def _logits(inputs, name="inputs"):
     return np.ascontiguousarray(arr)
 
 
+_ELABEL = 2  # DERIVE_ELABEL of focal_kernels.h: a label neither 0 nor 1
 _LABEL_CHUNK = 1 << 16  # labels checked per NumPy step: temporaries stay small
 
 
@@ -73,15 +78,8 @@ def _binary_labels(targets, x, name="targets", backend="numpy"):
     if arr.shape != x.shape:
         raise ValueError(f"{name} has shape {arr.shape}, but inputs has shape {x.shape}")
     if backend == "c" and arr.dtype == x.dtype:
-        import ctypes
-
-        arr = np.ascontiguousarray(arr)
-        flat = arr.reshape(-1)
-        ct = ctypes.c_float if x.dtype == np.float32 else ctypes.c_double
-        first = getattr(cbuild.load(), f"derive_first_bad_label_{_DTYPES[x.dtype]}")(flat.size, _ptr(flat, ct))
-        if first < flat.size:
-            raise ValueError(f"{name} must hold labels 0 or 1, found {flat[first]!r}")
-        return arr
+        # the C kernels check the labels in the pass that computes the outputs (DERIVE_ELABEL)
+        return np.ascontiguousarray(arr)
     flat = arr.reshape(-1)
     for lo in range(0, flat.size, _LABEL_CHUNK):
         chunk = flat[lo:lo + _LABEL_CHUNK]
@@ -235,6 +233,9 @@ def _call_elementwise(name, x, t, params, backend, want_grad, threads=0, out=(No
     lib.derive_set_num_threads(threads)  # per calling thread; 0: all
     rc = getattr(lib, f"derive_{name}_{dt}")(flat_x.size, _ptr(flat_x, ct), _ptr(flat_t, ct), *params,
                                               _ptr(loss, ct), _ptr(grad, ct))
+    if rc == _ELABEL:
+        first = getattr(lib, f"derive_first_bad_label_{dt}")(flat_t.size, _ptr(flat_t, ct))
+        raise ValueError(f"targets must hold labels 0 or 1, found {flat_t[first]!r}")
     if rc != 0:
         raise ValueError(f"the C kernel {name} rejected its arguments (code {rc})")
     loss = out_loss if out_loss is not None else loss.reshape(x.shape)

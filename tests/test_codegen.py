@@ -64,7 +64,7 @@ def test_check_mode_reports_stale_output(tmp_path):
 
 def _kernel_bodies(c_text):
     """The kernels' functions only (no helpers): the entry points and their loops (_block, _rows)."""
-    return "\n".join(m.group(0) for m in re.finditer(r"^(?:int|DERIVE_INLINE void) derive_\w+\(.*?^}$", c_text,
+    return "\n".join(m.group(0) for m in re.finditer(r"^(?:int|DERIVE_INLINE (?:void|int)) derive_\w+\(.*?^}$", c_text,
                                                      re.S | re.M))
 
 
@@ -77,7 +77,7 @@ def test_kernels_use_stable_primitives_only(rendered):
         assert not re.search(r"log1?p?f?\(\s*1\s*\+\s*(numpy\.)?expf?\(", text), "log(1 + exp(...)) printed"
         assert "gamma - 1" not in text, "(1 - p)^(gamma - 1) printed"
     assert "log1pf(" in c and "expm1f(" in c and "powf(" in c, "float32 kernels must call float functions"
-    f32 = "\n".join(m.group(0) for m in re.finditer(r"^(?:int|DERIVE_INLINE void) derive_\w+_f32(?:_block|_rows)?\(.*?^}$", c,
+    f32 = "\n".join(m.group(0) for m in re.finditer(r"^(?:int|DERIVE_INLINE (?:void|int)) derive_\w+_f32(?:_block|_rows)?\(.*?^}$", c,
                                                    re.S | re.M))
     assert "derive_softmax_focal_f32" in f32
     f32 = re.sub(r"/\*.*?\*/", "", f32, flags=re.S)  # code, not comments
@@ -96,7 +96,7 @@ def test_expressions_come_from_the_derivation_file(tmp_path):
     changed.write_text(text.replace(old, old + '\n  { expr = "log1p(exp(-x_t))", rule = "test" },'))
     out = render_all(derivations=changed)
     body = out["focal_kernels.c"]
-    ce = body[body.index("DERIVE_INLINE void derive_sigmoid_ce_f64_block("):body.index("int derive_sigmoid_ce_f64(")]
+    ce = body[body.index("DERIVE_INLINE int derive_sigmoid_ce_f64_block("):body.index("int derive_sigmoid_ce_f64(")]
     assert "log1p(exp(" in ce
     assert "log1p(exp(" not in _kernel_bodies(render_all()["focal_kernels.c"])
 

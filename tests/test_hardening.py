@@ -141,6 +141,29 @@ def test_out_arrays_are_filled_in_place_with_the_same_values(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_bad_labels_are_named(backend, dtype):
+    """A label other than 0 or 1 (NaN too) raises ValueError naming it, from every elementwise
+    function, with or without out=, wherever it sits (the C kernels check labels in their
+    main pass, block by block and thread by thread)."""
+    n = 70001  # above DERIVE_PARALLEL_MIN, not a multiple of the block
+    x = np.linspace(-20, 20, n).astype(np.float64 if dtype == np.int64 else dtype)
+    good = (np.arange(n) % 3 == 0).astype(dtype)
+    bads = [2, -1] if dtype == np.int64 else [2, -1, 0.5, np.nan, 1e-30]
+    for name, kw in _ELEMENTWISE:
+        fn = getattr(L, name)
+        fn(x, good, backend=backend, **kw)  # the good labels pass
+        for pos, bad in zip((0, n // 2, n - 1, 1025, n - 2), bads):
+            t = good.copy()
+            t[pos] = bad
+            with pytest.raises(ValueError, match="targets must hold labels 0 or 1, found") as err:
+                fn(x, t, backend=backend, **kw)
+            assert str(err.value).endswith(repr(t[pos])), (err.value, pos)  # the bad one, named
+            with pytest.raises(ValueError, match="labels 0 or 1"):
+                fn(x, t, backend=backend, out=(np.empty_like(x), np.empty_like(x)), **kw)
+
+
+@pytest.mark.parametrize("backend", _backends())
 def test_bad_out_arrays_are_refused_naming_the_argument(backend):
     x = np.linspace(-5, 5, 12).astype(np.float32)
     t = (np.arange(12) % 2).astype(np.float32)

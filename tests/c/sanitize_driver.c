@@ -8,7 +8,8 @@
  * the largest finite values, infinities, NaN and subnormals; labels 0/1; gamma from 0 to 5;
  * softmax with k = 1, 2, 3, 80, ignored rows and invalid targets (which must be refused
  * without writing).  Checks: finite output for finite input, NaN confined to its own
- * element (sigmoid) or row (softmax).  Also: derive_first_bad_label around the block size,
+ * element (sigmoid) or row (softmax).  Also: derive_first_bad_label around the block size
+ * and DERIVE_ELABEL from every elementwise kernel for the same bad labels,
  * the thread-count calls, and calls above DERIVE_PARALLEL_MIN with 2 threads, which must give
  * the bytes of the serial call.  Prints "sanitize driver: N calls, 0 problems".
  */
@@ -210,8 +211,19 @@ SOFTMAX(float, f32, FLT_MAX)
 SOFTMAX(double, f64, DBL_MAX)
 
 /* derive_first_bad_label on sizes around the block size, a bad label (2, -1, 0.5, NaN) at
- * the first, a middle or the last position, or none */
+ * the first, a middle or the last position, or none; every elementwise kernel returns
+ * DERIVE_ELABEL for the same arrays (and DERIVE_OK without the bad label) */
 #define LABELS(T, S)                                                                           \
+    static void labels_kernels_##S(size_t n, const T *x, const T *t, T *l, T *g, int want)    \
+    {                                                                                          \
+        calls += 4;                                                                            \
+        if (derive_sigmoid_ce_##S(n, x, t, l, g) != want ||                                    \
+            derive_sigmoid_focal_##S(n, x, t, (T)0.5, l, g) != want ||                         \
+            derive_sigmoid_focal_alpha_##S(n, x, t, (T)0.25, (T)2, l, g) != want ||            \
+            derive_focal_star_##S(n, x, t, (T)2, (T)1, l, g) != want) {                        \
+            problem(want == DERIVE_OK ? "kernel refused good labels" : "kernel missed a bad label", n); \
+        }                                                                                      \
+    }                                                                                          \
     static void labels_##S(void)                                                               \
     {                                                                                          \
         static const size_t sizes[] = {0, 1, 2, 1023, 1024, 1025, 3001};                       \
@@ -219,9 +231,14 @@ SOFTMAX(double, f64, DBL_MAX)
         for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++) {                     \
             const size_t n = sizes[si];                                                        \
             T *t = malloc((n ? n : 1) * sizeof(T));                                            \
+            T *x = malloc((n ? n : 1) * sizeof(T));                                            \
+            T *l = malloc((n ? n : 1) * sizeof(T));                                            \
+            T *g = malloc((n ? n : 1) * sizeof(T));                                            \
             for (size_t i = 0; i < n; i++) {                                                   \
                 t[i] = (T)(i % 3 == 0);                                                        \
+                x[i] = (T)((double)(i % 7) - 3.0);                                             \
             }                                                                                  \
+            labels_kernels_##S(n, x, t, l, g, DERIVE_OK);                                      \
             calls++;                                                                           \
             if (derive_first_bad_label_##S(n, t) != n) {                                       \
                 problem("first_bad_label: a good array reported bad", n);                      \
@@ -235,10 +252,14 @@ SOFTMAX(double, f64, DBL_MAX)
                     if (derive_first_bad_label_##S(n, t) != where[w]) {                        \
                         problem("first_bad_label: wrong index", where[w]);                     \
                     }                                                                          \
+                    labels_kernels_##S(n, x, t, l, g, DERIVE_ELABEL);                          \
                     t[where[w]] = keep;                                                        \
                 }                                                                              \
             }                                                                                  \
             free(t);                                                                           \
+            free(x);                                                                           \
+            free(l);                                                                           \
+            free(g);                                                                           \
         }                                                                                      \
     }
 
@@ -272,6 +293,14 @@ SOFTMAX(double, f64, DBL_MAX)
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
+        /* a bad label in the last block, seen by whichever thread computes it */            \
+        t[n - 3] = (T)2;                                                                       \
+        derive_set_num_threads(2);                                                             \
+        calls++;                                                                               \
+        if (derive_sigmoid_focal_##S(n, x, t, (T)0.5, l2, g2) != DERIVE_ELABEL) {              \
+            problem("threaded sigmoid missed a bad label", n - 3);                             \
+        }                                                                                      \
+        t[n - 3] = (T)1;                                                                       \
         /* softmax: n rows of k = 41 classes (not a multiple of the lanes), n*k >= the threshold */ \
         const size_t k = 41, rows = DERIVE_PARALLEL_MIN / 41 + 3;                              \
         T *xs = malloc(rows * k * sizeof(T)), *gs1 = malloc(rows * k * sizeof(T));             \
