@@ -1,7 +1,7 @@
 """Compile the generated C kernels into a shared library, cache it, and load it with ctypes.
 
 * The compiler is ``$CC`` if set, else the first of ``cc``, ``gcc``, ``clang`` on ``PATH``.
-* Flags: ``-std=c99 -O2 -fno-math-errno -fno-trapping-math -Wall -Wextra -Werror -fPIC
+* Flags: ``-std=c99 -O3 -fno-math-errno -fno-trapping-math -Wall -Wextra -Werror -fPIC
   -shared``, plus ``-fopenmp`` (threads and ``omp simd``) and ``-march=native`` (the
   machine's vector width) when a one-time probe shows the compiler takes them; linked with
   ``-lm``.  No ``-ffast-math``: the kernels' error-free transforms need IEEE rounding and
@@ -32,7 +32,7 @@ from pathlib import Path
 
 GENERATED_DIR = Path(__file__).resolve().parent.parent / "generated"
 
-CFLAGS = ("-std=c99", "-O2", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wextra", "-Werror", "-fPIC",
+CFLAGS = ("-std=c99", "-O3", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wextra", "-Werror", "-fPIC",
           "-shared")
 OPTIONAL_FLAGS = (("DERIVE_OPENMP", "-fopenmp"), ("DERIVE_NATIVE", "-march=native"))
 LDLIBS = ("-lm",)
