@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -570,11 +571,16 @@ def test_numpy_kernels_work_in_blocks_not_in_array_sized_temporaries(dtype):
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DERIVE_CACHE_DIR", str(tmp_path / "cache"))
-    saved = dict(cbuild._LOADED)
+    saved, saved_fast = dict(cbuild._LOADED), dict(cbuild._FAST)
     cbuild._LOADED.clear()
+    cbuild._FAST.clear()
+    cbuild._RECENT.clear()
     yield tmp_path / "cache"
+    cbuild._RECENT.clear()
     cbuild._LOADED.clear()
     cbuild._LOADED.update(saved)
+    cbuild._FAST.clear()
+    cbuild._FAST.update(saved_fast)
 
 
 _BUILD_SCRIPT = """
@@ -612,6 +618,27 @@ def test_build_is_cached_and_a_corrupt_entry_is_rebuilt(tmp_path):
     lib.write_bytes(b"not a shared library")
     assert run(), "a corrupt entry was not rebuilt"
     assert not run()
+
+
+@needs_c
+def test_loaded_library_is_reused_and_a_changed_source_rebuilt(fresh_cache, tmp_path, monkeypatch):
+    """Calls in a loop reuse the loaded library without looking at the files; a regenerated
+    source is picked up at the next lookup (at most cbuild._RECHECK_S later)."""
+    import shutil
+
+    gen = tmp_path / "generated"
+    shutil.copytree(ROOT / "generated", gen)
+    lib = cbuild.load(gen)
+    calls = []
+    real_stat = os.stat
+    monkeypatch.setattr(cbuild.os, "stat", lambda *a, **k: calls.append(a) or real_stat(*a, **k))
+    assert all(cbuild.load(gen) is lib for _ in range(100)) and not calls  # no file lookups
+    monkeypatch.setattr(cbuild.os, "stat", real_stat)
+    src = gen / "focal_kernels.c"
+    src.write_text(src.read_text() + "/* regenerated */\n")
+    time.sleep(cbuild._RECHECK_S + 0.1)
+    lib2 = cbuild.load(gen)
+    assert lib2 is not lib and cbuild.load(gen) is lib2
 
 
 def test_missing_compiler_is_a_clear_error_and_numpy_still_works(fresh_cache, monkeypatch):
