@@ -1,9 +1,8 @@
 """Kernel timings beside what people would use instead: forward + backward per element.
 
-One process run measures the rows of one configuration round-robin (two warm-up calls each,
-then rounds of one call per row, the median of each row's calls), with a short idle before
-every call so that the previous call's spin-waiting thread pools have gone to sleep: a slow
-spell of a shared machine falls on every row alike, so the ratios hold.  Configurations:
+One process run measures every row of one configuration back to back (a quarter second of
+idle, so that the previous row's spin-waiting thread pools have gone to sleep, then a warm-up,
+then the median of repeated runs), so the ratios hold on a noisy machine.  Configurations:
 sigmoid focal loss on 10^7 logits and softmax focal loss on (131072, 80), float32 and
 float64, gamma = 2 and 0.5, 1 thread and all threads.  Rows:
 
@@ -22,8 +21,7 @@ float64, gamma = 2 and 0.5, 1 thread and all threads.  Rows:
   Missing peers are listed as skipped.
 
 The bandwidth floor is the time to move the same bytes (read logits and targets, write loss
-and gradient), measured with NumPy copies in the same rounds as the rows; each row shows its
-ratio to it.
+and gradient), measured in the same run with NumPy copies; each row shows its ratio to it.
 """
 from __future__ import annotations
 
@@ -45,44 +43,24 @@ GAMMAS = (2.0, 0.5)
 DTYPES = ("float32", "float64")
 
 
-#: seconds of idle before each timed call: thread pools that spin-wait after use (libgomp's,
-#: XLA's) go to sleep, so that no call runs beside the previous call's spinning threads
-SETTLE_S = 0.02
+#: seconds of idle before each row: thread pools that spin-wait after use (OpenMP's, XLA's)
+#: go to sleep, so that no row runs beside the previous row's spinning threads
+SETTLE_S = 0.25
 
 
-def time_rows(rows, repeats, budget_s=4.0, settle_s=SETTLE_S):
-    """Median seconds per call of each ``(name, fn)`` row, the rows measured round-robin:
-    one call of each row per round, so that a slow spell of a shared machine falls on every
-    row alike and the ratios between rows hold.  Each row is called twice first (compilation,
-    first touch); the second call's time sets how many calls the row gets (``repeats``, or
-    fewer, at least 3, when they would take more than ``budget_s``).  Returns
-    ({name: (median seconds, calls)}, {name: exception}) for the rows that raised."""
-    plan, failed = [], {}
-    for name, fn in rows:
-        try:
-            time.sleep(settle_s)
-            fn()
-            time.sleep(settle_s)
-            t0 = time.perf_counter()
-            fn()
-            once = time.perf_counter() - t0
-        except Exception as exc:  # a peer that fails is reported, not fatal
-            failed[name] = exc
-            continue
-        calls = min(repeats, max(3, int(budget_s / once))) if once > 0 else repeats
-        plan.append((name, fn, calls, [once]))
-    for _ in range(repeats):
-        for name, fn, calls, times in plan:
-            if name in failed or len(times) >= calls:
-                continue
-            time.sleep(settle_s)
-            try:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            except Exception as exc:
-                failed[name] = exc
-    return {name: (statistics.median(times), len(times)) for name, _, _, times in plan if name not in failed}, failed
+def _timeit(fn, repeats, budget_s=4.0, settle_s=0.0):
+    if settle_s:
+        time.sleep(settle_s)
+    fn()  # warm-up (compilation, first-touch of caches)
+    times = []
+    start = time.perf_counter()
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if i >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times), len(times)
 
 
 # ------------------------------------------------------------------------------------------
@@ -192,10 +170,9 @@ def jax_rows():
 # ------------------------------------------------------------------------------------------
 
 
-def bandwidth_floor(n_elems, dtype):
-    """The bandwidth floor as a row: ``(copy, bytes moved per call)``, two NumPy copies of
-    arrays of the run's size (read 2, write 2).  A row's floor is ``bytes_per_elem`` divided by
-    the bandwidth those copies reach, timed in the same rounds as the row."""
+def bandwidth_floor(bytes_per_elem, n_elems, dtype, repeats):
+    """Seconds per element to read and write ``bytes_per_elem`` bytes per element: two NumPy
+    copies of arrays of the run's size (read 2, write 2), timed like the rows."""
     a = np.ones(n_elems, dtype=dtype)
     b = np.ones(n_elems, dtype=dtype)
     c = np.empty_like(a)
@@ -205,7 +182,9 @@ def bandwidth_floor(n_elems, dtype):
         np.copyto(c, a)
         np.copyto(d, b)
 
-    return copy, 4 * a.nbytes
+    t, _ = _timeit(copy, repeats)
+    bw = 4 * a.nbytes / t
+    return bytes_per_elem / bw, bw
 
 
 def peak_extra_memory(kind="sigmoid", dtype="float32"):
@@ -285,9 +264,10 @@ def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, gammas=GAMMAS, dtypes=
         xs = (rng.standard_normal(softmax_shape) * 3).astype(dtype)
         ts = rng.integers(0, softmax_shape[1], softmax_shape[0])
         isz = np.dtype(dtype).itemsize
-        floor_copy, floor_bytes = bandwidth_floor(sigmoid_n, dtype)
-        # bytes per element: read logits and targets, write loss and gradient
-        floor_per_elem = {"sigmoid": 4 * isz, "softmax": 2 * isz + (8 + isz) / softmax_shape[1]}
+        floors = {
+            "sigmoid": bandwidth_floor(4 * isz, sigmoid_n, dtype, repeats),
+            "softmax": bandwidth_floor(2 * isz + (8 + isz) / softmax_shape[1], sigmoid_n, dtype, repeats),
+        }
         for nth in thread_counts:
             if peers:
                 tor = torch_rows(dtype, nth)
@@ -338,15 +318,13 @@ def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, gammas=GAMMAS, dtypes=
                         else:
                             jxa, jta, fn = jnp.asarray(xs), jnp.asarray(ts), jm
                         rows.append(("jax jit", lambda fn=fn, a=jxa, b=jta: fn(a, b, g)))
-                    timed, failed = time_rows([("bandwidth floor", floor_copy)] + rows, repeats)
-                    for name, exc in failed.items():
-                        skipped[name] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-                    bw = floor_bytes / timed["bandwidth floor"][0]
-                    floor_s = floor_per_elem[kind] / bw
-                    for name, _ in rows:
-                        if name not in timed:
+                    floor_s, bw = floors[kind]
+                    for name, fn in rows:
+                        try:
+                            med, reps = _timeit(fn, repeats, settle_s=SETTLE_S)
+                        except Exception as exc:  # a peer that fails is reported, not fatal
+                            skipped[name] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
                             continue
-                        med, reps = timed[name]
                         ns = med / n_el * 1e9
                         results.append({"kernel": f"{kind} focal", "dtype": dtype, "gamma": gamma,
                                         "threads": nth if not name.startswith("jax") else "xla",
