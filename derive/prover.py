@@ -9,7 +9,8 @@ For a step ``lhs = rhs`` the engine
    shows ``lhs - rhs == 0``:
 
    * ``algebra``: rational simplification with defined symbols kept as atoms;
-   * ``domains (atoms)``: case split over finite label sets, positivity parametrisation of
+   * ``domains (atoms)``: case split over finite label sets and over the sign (+, -, 0) of
+     real symbols under ``abs`` or in a ``where`` condition, positivity parametrisation of
      interval symbols (``p -> 1/(1+w)``, ``w > 0``), power/log expansion valid for positive
      bases, then rational simplification; defined symbols stay atoms over their declared
      (and separately proved) domains;
