@@ -227,29 +227,6 @@ def library_path(generated: Path = GENERATED_DIR) -> Path:
     return path
 
 
-#: (generated folder, its source and header's size and mtime, the environment that picks the
-#: compiler and flags) -> loaded library: a call with nothing changed costs two stat calls,
-#: not a compiler lookup and hashes (about 0.4 ms, more than a kernel on 10^5 values)
-_FAST: dict = {}
-_ENV_KEYS = ("CC", "PATH", "DERIVE_OPENMP", "DERIVE_NATIVE", "DERIVE_CACHE_DIR", "XDG_CACHE_HOME")
-
-
-_FILES: dict = {}  # generated folder -> the paths of its source and header, as strings
-
-
-def _fast_key(generated):
-    g = str(generated)
-    files = _FILES.get(g)
-    if files is None:
-        files = _FILES[g] = (os.path.join(g, SOURCE), os.path.join(g, HEADER))
-    try:
-        a, b = os.stat(files[0]), os.stat(files[1])
-    except OSError:
-        return None
-    env = os.environ
-    return (g, a.st_size, a.st_mtime_ns, b.st_size, b.st_mtime_ns) + tuple(env.get(k) for k in _ENV_KEYS)
-
-
 _RECHECK_S = 0.5  # a loaded library is looked up again (files, environment) at most this often
 _RECENT: dict = {}  # generated folder -> (monotonic time of the last lookup, library)
 
@@ -258,25 +235,19 @@ def load(generated: Path = GENERATED_DIR) -> ctypes.CDLL:
     """The loaded library (built on first use, cached on disk and in this process).  Within
     half a second of the last lookup for the same folder the same library is returned without
     looking at the files (a training loop's calls cost no stat calls)."""
-    now = time.monotonic()
     recent = _RECENT.get(generated)
-    if recent is not None and now - recent[0] < _RECHECK_S:
+    if recent is not None and time.monotonic() - recent[0] < _RECHECK_S:
         return recent[1]
-    fast = _fast_key(generated)
-    lib = _FAST.get(fast) if fast is not None else None
-    if lib is None:
-        lib = _load(Path(generated), fast)
+    lib = _load(Path(generated))
     _RECENT[generated] = (time.monotonic(), lib)  # after a build, its end
     return lib
 
 
-def _load(generated: Path, fast) -> ctypes.CDLL:
+def _load(generated: Path) -> ctypes.CDLL:
     with _LOCK:
         cmd = find_compiler()
         key = build_key(cmd, generated)
         if key in _LOADED:
-            if fast is not None:
-                _FAST[fast] = _LOADED[key]
             return _LOADED[key]
         path = cache_dir() / f"libderive_focal_{key}{_lib_suffix()}"
         expected = source_digest(generated)
@@ -303,8 +274,6 @@ def _load(generated: Path, fast) -> ctypes.CDLL:
                 raise BuildError(f"{path} does not report source digest {expected}")
         _declare(lib, generated)
         _LOADED[key] = lib
-        if fast is not None:
-            _FAST[fast] = lib
         return lib
 
 

@@ -444,7 +444,7 @@ class Prover:
             dom = self.ctx.domains.get(s)
             if s.is_real and (dom is None or (not dom.is_finite and dom.lo is None and dom.hi is None)):
                 out.append(s)
-        return out[:limit] if len(out) <= limit else []
+        return out if len(out) <= limit else []
 
     def _param_subs(self, syms, atoms_ok=True):
         subs = {}

@@ -571,16 +571,13 @@ def test_numpy_kernels_work_in_blocks_not_in_array_sized_temporaries(dtype):
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DERIVE_CACHE_DIR", str(tmp_path / "cache"))
-    saved, saved_fast = dict(cbuild._LOADED), dict(cbuild._FAST)
+    saved = dict(cbuild._LOADED)
     cbuild._LOADED.clear()
-    cbuild._FAST.clear()
     cbuild._RECENT.clear()
     yield tmp_path / "cache"
     cbuild._RECENT.clear()
     cbuild._LOADED.clear()
     cbuild._LOADED.update(saved)
-    cbuild._FAST.clear()
-    cbuild._FAST.update(saved_fast)
 
 
 _BUILD_SCRIPT = """
