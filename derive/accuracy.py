@@ -229,7 +229,7 @@ def format_table(rows) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m derive.accuracy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="derive accuracy", description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=1201, help="grid points over [-30, 30] (default 1201)")
     parser.add_argument("--backend", choices=("c", "numpy", "both"), default="both")
     parser.add_argument("--kernel", action="append", help="only this kernel (repeatable)")

@@ -38,7 +38,7 @@ def bench_verify(runs: int = 3) -> dict:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m derive.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="derive bench", description=__doc__.splitlines()[0])
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and JAX even when installed")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, figures meaningless)")
     parser.add_argument("--kernels-only", action="store_true", help="skip the verification timing")

@@ -31,7 +31,10 @@ import threading
 import time
 from pathlib import Path
 
-GENERATED_DIR = Path(__file__).resolve().parent.parent / "generated"
+from .resources import generated_dir
+
+#: The generated kernels: the checkout's ``generated/``, or the copy a wheel carries (derive.resources).
+GENERATED_DIR = generated_dir()
 
 CFLAGS = ("-std=c99", "-O3", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wextra", "-Werror", "-fPIC",
           "-shared")

@@ -15,9 +15,14 @@ import hashlib
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-TEMPLATES_DIR = ROOT / "templates"
-GENERATED_DIR = ROOT / "generated"
+from ..resources import generated_dir, logical_path, templates_dir
+
+TEMPLATES_DIR = templates_dir()
+#: The generated kernels the runtime loads (the checkout's ``generated/``, or the installed copy).
+GENERATED_DIR = generated_dir()
+#: Where ``derive codegen`` writes by default: ``./generated`` in the current folder (in a
+#: checkout, ``make codegen`` runs from its root, so that is the committed ``generated/``).
+DEFAULT_OUT = Path("generated")
 
 #: generated file -> template
 OUTPUTS = {
@@ -37,10 +42,17 @@ NUMPY_F32_PROMOTED = False
 
 
 def _relpath(p: Path) -> str:
+    """The path a file has in the repository (the same from a wheel or a checkout)."""
+    return logical_path(p)
+
+
+def _shown(p: Path) -> str:
+    """An output path as the user gave it (relative to the current folder when under it)."""
+    p = Path(p)
     try:
-        return p.resolve().relative_to(ROOT).as_posix()
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
-        return p.name
+        return str(p)
 
 
 def _digest(paths) -> str:
@@ -190,7 +202,8 @@ def check_all(out_dir: Path = GENERATED_DIR, **kw) -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="derive codegen", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=GENERATED_DIR, help="output folder (default: generated/)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="output folder (default: ./generated in the current folder)")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if the output folder differs from a fresh rendering")
     args = parser.parse_args(argv)
@@ -198,17 +211,18 @@ def main(argv=None) -> int:
         if args.check:
             stale = check_all(args.out)
             for name in stale:
-                print(f"{_relpath(args.out / name)} is out of date: run `make codegen`", file=sys.stderr)
+                print(f"{_shown(args.out / name)} is out of date: run `derive codegen` (`make codegen`)",
+                      file=sys.stderr)
             if not stale:
-                print(f"{_relpath(args.out)}: up to date")
+                print(f"{_shown(args.out)}: up to date")
             return 1 if stale else 0
         changed = write_all(args.out)
     except Exception as exc:  # the loader's and SymPy's errors, shown as one line
         print(f"derive codegen: {exc}", file=sys.stderr)
         return 2
     for name in OUTPUTS:
-        print(f"{'wrote' if name in changed else 'unchanged'} {_relpath(Path(args.out) / name)}")
+        print(f"{'wrote' if name in changed else 'unchanged'} {_shown(Path(args.out) / name)}")
     return 0
 
 
-__all__ = ["main", "render_all", "write_all", "check_all", "OUTPUTS", "GENERATED_DIR", "TEMPLATES_DIR", "ROOT"]
+__all__ = ["main", "render_all", "write_all", "check_all", "OUTPUTS", "GENERATED_DIR", "TEMPLATES_DIR", "DEFAULT_OUT"]

@@ -16,9 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .model import ROOT, build_model
+from .model import build_model
 
-DOCS_DIR = ROOT / "docs"
+#: Where ``derive docs`` writes by default: ``./docs`` in the current folder (in a checkout,
+#: ``make docs`` runs from its root, so that is the committed ``docs/``).
+DOCS_DIR = Path("docs")
 
 #: The versions the committed docs/ were drawn and converted with.  Other versions of these
 #: packages may write other bytes (matplotlib: the drawing and SVG; Pillow: the PNG encoder;
@@ -165,8 +167,8 @@ def compare(files: dict, out_dir: Path) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m derive.docs", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DOCS_DIR, help="output folder (default: docs/)")
+    parser = argparse.ArgumentParser(prog="derive docs", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DOCS_DIR, help="output folder (default: ./docs in the current folder)")
     parser.add_argument("--check", action="store_true",
                         help="build in memory and compare with --out byte for byte; exit 1 on any difference")
     parser.add_argument("--no-plots", action="store_true", help="pages only (the images are neither made nor checked)")

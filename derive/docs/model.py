@@ -19,7 +19,8 @@ from ..prover import CONFIRMED, PROVED, REFUTED, STRATEGIES, UNPROVED
 from ..verify import ERRATUM, FAIL, OK, Report
 from .mathtex import Math, MathRenderer, latex_of
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from ..resources import generated_dir, logical_path
+
 VERDICTS = (PROVED, CONFIRMED, REFUTED, UNPROVED)
 
 #: The Python functions of derive.losses that call each generated kernel (tests check it).
@@ -58,11 +59,8 @@ def format_counterexample(cex) -> str | None:
 
 
 def repo_path(path) -> str:
-    p = Path(path).resolve()
-    try:
-        return p.relative_to(ROOT).as_posix()
-    except ValueError:
-        return p.name
+    """A file's path in the repository (the same from a wheel or a checkout)."""
+    return logical_path(path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -354,7 +352,7 @@ def _kernels():
     from .. import losses
     from ..codegen.kernels import KERNELS
 
-    gen = ROOT / "generated"
+    gen = generated_dir()
     views = []
     for spec in KERNELS:
         name = spec.name

@@ -26,9 +26,10 @@ import mpmath
 import numpy as np
 import sympy as sp
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-GENERATED_PY = ROOT / "generated" / "focal_kernels.py"
-NOTE = ROOT / "derive" / "derivations" / "focal_loss_note.toml"
+from ..resources import derivations_dir, generated_dir
+
+GENERATED_PY = generated_dir() / "focal_kernels.py"
+NOTE = derivations_dir() / "focal_loss_note.toml"
 
 _PREC = 120  # bits of the intermediate result before rounding to float32/float64
 _BITS = {np.dtype(np.float32): 24, np.dtype(np.float64): 53}

@@ -13,9 +13,10 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
 
 from . import mathtex
-from .model import ROOT, Docs
+from ..resources import templates_dir
+from .model import Docs
 
-TEMPLATES = ROOT / "templates" / "docs"
+TEMPLATES = templates_dir() / "docs"
 
 MD, HTML = "md", "html"
 
