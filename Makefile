@@ -11,6 +11,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@# the distribution was called "derive" before it became derive-gradients: drop that old editable install
+	$(PY) -m pip uninstall --quiet --yes derive 2>/dev/null || true
 	$(PY) -m pip install --quiet -e '.[test,docs]'
 	touch $(STAMP)
 

@@ -233,7 +233,21 @@ def main(argv=None) -> int:
     parser.add_argument("--points", type=int, default=1201, help="grid points over [-30, 30] (default 1201)")
     parser.add_argument("--backend", choices=("c", "numpy", "both"), default="both")
     parser.add_argument("--kernel", action="append", help="only this kernel (repeatable)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run: 61 grid points and 4 softmax rows per K (same bounds, fewer points)")
     args = parser.parse_args(argv)
+    if args.points < 2:
+        parser.error(f"--points must be at least 2, got {args.points}")
+    softmax_rows = None
+    if args.quick:
+        args.points, softmax_rows = min(args.points, 61), 4
+    if args.kernel:
+        from .codegen.kernels import KERNELS
+
+        known = [s.name for s in KERNELS]
+        unknown = [k for k in args.kernel if k not in known]
+        if unknown:
+            parser.error(f"unknown kernel {', '.join(unknown)}; known: {', '.join(known)}")
     from . import losses
 
     backends = ["c", "numpy"] if args.backend == "both" else [args.backend]
@@ -241,7 +255,7 @@ def main(argv=None) -> int:
         print("derive accuracy: no C compiler, measuring the NumPy backend only", file=sys.stderr)
         backends.remove("c")
     t0 = time.time()
-    rows = measure(backends, args.points, kernels=args.kernel)
+    rows = measure(backends, args.points, softmax_rows=softmax_rows, kernels=args.kernel)
     print(format_table(rows))
     bad = [r for r in rows if not r.ok]
     print(f"\n{len(rows)} rows, {len(bad)} over the bounds (float32 {BOUNDS['float32']:g}, "
