@@ -13,9 +13,23 @@ Grammar (lowest precedence first)::
     unary      := ('-' | '+') unary | power
     power      := atom [ ('^' | '**') unary ]          right associative, binds tighter than unary minus
     atom       := NUMBER | NAME | NAME '(' expr (',' expr)* ')' | '(' expr ')'
+
+Parsing is bounded in time and memory whatever the text: the length, the nesting depth, the
+digits of every literal and of every exact number SymPy computes from them are limited, a
+long sum or product is built in one SymPy call instead of one per term (which is quadratic),
+and a constant (a subexpression without symbols) is checked before SymPy sees it:
+
+* it is evaluated once, bottom-up, in interval arithmetic (:func:`_enclose`), so that an
+  expression that is undefined or complex as written (``1/0``, ``log(0)``, ``log(-1)``,
+  ``sqrt(-2)``, ``(-8)^(1/3)``) is a clear error at its column instead of SymPy's ``zoo``,
+  ``nan`` or ``I*pi``, and a constant too large to handle (``exp(exp(exp(10)))``) is refused;
+* functions may be nested at most MAX_CONSTANT_NESTING deep inside a constant: SymPy's
+  automatic evaluation of a function of a constant evaluates the constant numerically, at a
+  cost that doubles with each level of nesting (``log(2 - log(2 - ...))``).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -26,6 +40,19 @@ from .functions import D, expm1, log1p, sigmoid, softplus, xexpm1inv
 
 MAX_LENGTH = 20_000
 MAX_DEPTH = 100
+#: digits of a number literal, and of any exact number computed from the literals
+MAX_DIGITS = 1000
+_MAX_BITS = int(MAX_DIGITS * 3.3219280948873626) + 1
+#: functions nested inside a constant (subexpression without symbols): log(1 + log(2)) is 2
+MAX_CONSTANT_NESTING = 4
+#: |argument| of exp, sigmoid, softplus, expm1 and xexpm1inv when the argument is a constant
+MAX_EXP_ARGUMENT = 10_000
+#: a constant's magnitude, as a power of ten
+MAX_MAGNITUDE_DIGITS = 5000
+#: sums and products with more terms than this are built in one SymPy call (linear time); the
+#: first terms are combined one by one, as they always were, so that ordinary expressions
+#: keep exactly their former tree (2*(x + 1)*y is (2*x + 2)*y)
+_FOLD_TERMS = 32
 
 
 class ParseError(ValueError):
@@ -129,6 +156,7 @@ class _Parser:
         self.i = 0
         self.names = names
         self.depth = 0
+        self._memo = {}
 
     # -- helpers -----------------------------------------------------------------------
     def peek(self) -> Token:
@@ -184,22 +212,48 @@ class _Parser:
 
     def additive(self):
         node = self.term()
+        rest = []
+        count = 0
         while self.peek().text in ("+", "-") and self.peek().kind == "op":
-            op = self.take().text
+            tok = self.take()
+            op = tok.text
             rhs = self.term()
             self._arith(node, op)
             self._arith(rhs, op)
-            node = sp.Add(node, rhs) if op == "+" else sp.Add(node, -rhs)
+            count += 1
+            if count < _FOLD_TERMS:
+                node = sp.Add(node, rhs) if op == "+" else sp.Add(node, -rhs)
+                self._number(node, tok)
+            else:
+                rest.append(rhs if op == "+" else -rhs)
+        if rest:
+            node = sp.Add(node, *rest)
+            self._number(node, self.peek())
         return node
 
     def term(self):
         node = self.unary()
+        rest = []
+        count = 0
+        bits = [0]
         while self.peek().text in ("*", "/") and self.peek().kind == "op":
-            op = self.take().text
+            tok = self.take()
+            op = tok.text
             rhs = self.unary()
             self._arith(node, op)
             self._arith(rhs, op)
-            node = sp.Mul(node, rhs) if op == "*" else sp.Mul(node, sp.Pow(rhs, -1))
+            if op == "/":
+                self._check_divisor(rhs, tok)
+            count += 1
+            if count < _FOLD_TERMS:
+                node = sp.Mul(node, rhs) if op == "*" else sp.Mul(node, sp.Pow(rhs, -1))
+                self._number(node, tok)
+            else:
+                rest.append(rhs if op == "*" else sp.Pow(rhs, -1))
+                self._bits_so_far(rhs, bits, tok)
+        if rest:
+            node = sp.Mul(node, *rest)
+            self._number(node, self.peek())
         return node
 
     def unary(self):
@@ -225,16 +279,21 @@ class _Parser:
             self._arith(exponent, "^")
             if base.is_number and exponent.is_number and exponent.is_Rational and abs(exponent) > 1000:
                 raise self.error("numeric power too large (exponent above 1000)", tok)
-            return sp.Pow(base, exponent)
+            self._check_power(base, exponent, tok)
+            return self._number(sp.Pow(base, exponent), tok)
         return base
 
     def atom(self):
         tok = self.take()
         if tok.kind == "num":
+            digits = sum(c.isdigit() for c in tok.text.split("e")[0].split("E")[0])
+            if digits > MAX_DIGITS:
+                raise self.error(f"number with {digits} digits; the limit is {MAX_DIGITS}", tok)
             m = re.search(r"[eE]([+-]?\d+)$", tok.text)
-            if m and abs(int(m.group(1))) > 400:
-                raise self.error(f"number {tok.text!r} is out of range (|exponent| <= 400)", tok)
-            return sp.Rational(tok.text) if any(c in tok.text for c in ".eE") else sp.Integer(tok.text)
+            if m and (len(m.group(1)) > 6 or abs(int(m.group(1))) > 400):
+                raise self.error(f"number {_short(tok.text)!r} is out of range (|exponent| <= 400)", tok)
+            value = sp.Rational(tok.text) if any(c in tok.text for c in ".eE") else sp.Integer(tok.text)
+            return self._number(value, tok)
         if tok.kind == "name":
             name = GREEK.get(tok.text, tok.text)
             if name.startswith("_"):
@@ -246,7 +305,7 @@ class _Parser:
             if name == "pi":
                 return sp.pi
             if name not in self.names:
-                raise self.error(f"undefined name {tok.text!r}", tok)
+                raise self.error(f"undefined name {_short(tok.text)!r}", tok)
             return self.names[name]
         if tok.kind == "op" and tok.text == "(":
             self.enter()
@@ -266,7 +325,7 @@ class _Parser:
     def call(self, name: str, tok: Token):
         if name not in FUNCTIONS:
             raise self.error(
-                f"unknown function {tok.text!r}; known: {', '.join(sorted(FUNCTIONS))}", tok
+                f"unknown function {_short(tok.text)!r}; known: {', '.join(sorted(FUNCTIONS))}", tok
             )
         self.expect("(")
         self.enter()
@@ -274,19 +333,26 @@ class _Parser:
         while self.peek().text == "," and self.peek().kind == "op":
             self.take()
             args.append(self.expr())
+            if len(args) > 3:
+                break
         self.depth -= 1
+        nargs, builder = FUNCTIONS[name]
+        if len(args) != nargs:
+            raise self.error(f"{name} takes {nargs} argument(s), got {len(args)}" + ("+" if len(args) > 3 else ""), tok)
         if self.peek().text != ")":
             found = "end of expression" if self.peek().kind == "end" else repr(self.peek().text)
             raise self.error(f"unbalanced parentheses in call to {name}: expected ')', found {found}")
         self.take()
-        nargs, builder = FUNCTIONS[name]
-        if len(args) != nargs:
-            raise self.error(f"{name} takes {nargs} argument(s), got {len(args)}", tok)
         if name == "where":
             if not isinstance(args[0], sp.core.relational.Relational):
                 raise self.error("where(cond, a, b): cond must be a comparison such as y == 1", tok)
             for a in args[1:]:
                 self._arith(a, "where")
+            for a in args:
+                self._check_nesting(a, name, tok)
+            decided = self._decide(args[0], tok)
+            if decided is not None:  # a constant condition: SymPy's Piecewise fails on some
+                return args[1] if decided else args[2]
             return builder(*args)
         for a in args:
             self._arith(a, name)
@@ -295,16 +361,279 @@ class _Parser:
             if not isinstance(v, sp.Symbol):
                 raise self.error("D(f, v): v must be a declared symbol or definition name", tok)
             return D(f, v)
-        return builder(*args)
+        self._check_argument(name, args[0], tok)
+        return self._number(builder(*args), tok)
+
+    # -- constants -----------------------------------------------------------------------
+    def _number(self, node, tok):
+        """Refuse an exact number with more than MAX_DIGITS digits, and SymPy's undefined values."""
+        if node.is_Number:
+            if node.is_Rational:
+                if abs(node.p).bit_length() > _MAX_BITS or node.q.bit_length() > _MAX_BITS:
+                    raise self.error(f"number too large: it has more than {MAX_DIGITS} digits", tok)
+            elif node.is_Float:
+                pass
+            else:  # zoo, nan, oo, -oo
+                raise self.error(f"the expression is undefined as written (it evaluates to {node})", tok)
+        elif node is sp.S.ImaginaryUnit:
+            raise self.error("the expression is complex as written (it evaluates to I)", tok)
+        return node
+
+    def _bits_so_far(self, factor, bits, tok):
+        """A long product of big numbers, refused before SymPy multiplies them out."""
+        if factor.is_Rational:
+            bits[0] += abs(factor.p).bit_length() + factor.q.bit_length()
+            if bits[0] > 2 * _MAX_BITS:
+                raise self.error(f"number too large: it has more than {MAX_DIGITS} digits", tok)
+
+    def _value(self, node, tok):
+        try:
+            return _enclose(node, self._memo)
+        except _NotDefined as exc:
+            raise self.error(str(exc), tok) from None
+
+    def _check_nesting(self, node, name, tok):
+        v = self._value(node, tok)
+        if v is not None and v[1] >= MAX_CONSTANT_NESTING:
+            raise self.error(f"{name}(...) of a constant that already nests {v[1]} functions; the limit is "
+                             f"{MAX_CONSTANT_NESTING} (write the constant more simply)", tok)
+        return v
+
+    def _decide(self, rel, tok):
+        """True or False for a comparison of two constants, None when it has symbols."""
+        lhs, rhs = rel.args
+        a, b = self._value(lhs, tok), self._value(rhs, tok)
+        if a is None or b is None:
+            return None
+        if lhs.is_Rational and rhs.is_Rational:
+            return bool(rel.func(lhs, rhs))
+        a, b = a[0], b[0]
+        op = rel.rel_op
+        if a.b < b.a or b.b < a.a:  # disjoint enclosures: the sign of lhs - rhs is known
+            less = a.b < b.a
+            return {"==": False, "!=": True, "<": less, "<=": less, ">": not less, ">=": not less}[op]
+        raise self.error(f"cannot decide the constant condition {_short(str(rel))}: its two sides "
+                         "cannot be told apart numerically", tok)
+
+    def _check_divisor(self, node, tok):
+        v = self._value(node, tok)
+        if v is None:
+            return
+        if node.is_zero is True and node.is_Number:
+            raise self.error("division by zero", tok)
+        iv = v[0]
+        if iv.a <= 0 <= iv.b:
+            raise self.error("division by a constant that cannot be told apart from 0", tok)
+
+    def _check_power(self, base, exponent, tok):
+        vb = self._value(base, tok)
+        ve = self._value(exponent, tok)
+        if vb is None:
+            return
+        b = vb[0]
+        if ve is None:  # c^x: real for c > 0; (-1)^y is used with labels y in {-1, 1}
+            return
+        e = ve[0]
+        if max(vb[1], ve[1]) >= MAX_CONSTANT_NESTING and not exponent.is_Integer:
+            raise self.error(f"power of constants that nest {max(vb[1], ve[1])} functions; the limit is "
+                             f"{MAX_CONSTANT_NESTING} (write the constant more simply)", tok)
+        if base.is_Number and base.is_zero:
+            if not (e.a > 0 or exponent.is_zero):
+                raise self.error("0 to a power that is not positive is undefined", tok)
+            return
+        if exponent.is_Integer:
+            if b.a <= 0 <= b.b and exponent < 0:
+                raise self.error("division by a constant that cannot be told apart from 0", tok)
+        elif not b.a > 0:
+            if b.b < 0:
+                raise self.error("a negative number to a non-integer power is complex", tok)
+            raise self.error("a constant that cannot be told apart from 0 or a negative number, to a "
+                             "non-integer power", tok)
+        if base.is_Rational and exponent.is_Rational:
+            digits = max(math.log10(abs(base.p)), math.log10(base.q)) * abs(exponent)
+            if digits > MAX_DIGITS:
+                raise self.error(f"number too large: the power has more than {MAX_DIGITS} digits", tok)
+
+    def _check_argument(self, name, arg, tok):
+        v = self._check_nesting(arg, name, tok)
+        if v is None:
+            return
+        a = v[0]
+        if name in ("log", "ln"):
+            if arg.is_Number and arg.is_zero:
+                raise self.error(f"{name}(0) is undefined", tok)
+            if not a.a > 0:
+                if a.b < 0:
+                    raise self.error(f"{name} of a negative number is complex", tok)
+                raise self.error(f"{name} of a constant that cannot be told apart from 0", tok)
+        elif name == "sqrt":
+            if not (a.a >= 0 or (arg.is_Number and arg.is_zero)):
+                if a.b < 0:
+                    raise self.error("sqrt of a negative number is complex", tok)
+                raise self.error("sqrt of a constant that cannot be told apart from 0", tok)
+        elif name == "log1p":
+            if not a.a > -1:
+                raise self.error("log1p of a constant that is not above -1 is undefined or complex", tok)
+        elif name in _EXP_LIKE:
+            if abs(a.a) > MAX_EXP_ARGUMENT or abs(a.b) > MAX_EXP_ARGUMENT:
+                raise self.error(f"{name} of a constant beyond +-{MAX_EXP_ARGUMENT}: too large", tok)
 
     def _arith(self, node, op):
         if isinstance(node, sp.core.relational.Relational):
             raise self.error(f"a comparison cannot be used as an operand of {op!r}")
 
 
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+_EXP_LIKE = ("exp", "sigmoid", "softplus", "expm1", "xexpm1inv")
+_UNDEFINED = (sp.S.ComplexInfinity, sp.S.NaN, sp.S.Infinity, sp.S.NegativeInfinity, sp.S.ImaginaryUnit)
+
+
+class _NotDefined(Exception):
+    pass
+
+
+#: errors of SymPy itself that parse_expression reports as a ParseError; the fuzz harness
+#: (tests/fuzz_atheris.py) sets BACKSTOP = False to see them as findings instead
+_SYMPY_FAILURES = (TypeError, ValueError, ArithmeticError, AttributeError, NotImplementedError, IndexError,
+                   KeyError)
+BACKSTOP = True
+
+
+def _ivctx():
+    from mpmath.ctx_iv import MPIntervalContext
+
+    ctx = MPIntervalContext()
+    ctx.prec = 96
+    return ctx
+
+
+_IV = _ivctx()
+_IV_MAX = _IV.mpf(10) ** MAX_MAGNITUDE_DIGITS
+
+
+def _hull(values):
+    return _IV.mpf([min(v.a for v in values).a, max(v.b for v in values).b])
+
+
+def _xexpm1inv_at(u):
+    if u == 0:
+        return _IV.mpf(1)
+    return u / (_IV.exp(u) - 1)
+
+
+def _enclose(node, memo):
+    """An interval that contains the value of ``node`` and its function nesting depth, or None
+    when ``node`` has symbols.  Raises _NotDefined when the value is undefined or complex (or
+    too large).  Memoised in ``memo``: each distinct subexpression is evaluated once."""
+    hit = memo.get(node)
+    if hit is not None or node in memo:
+        return hit
+    iv = _IV
+    out = None
+    if node.is_Symbol or isinstance(node, D):
+        out = None
+    elif node.is_Rational:
+        out = (iv.mpf(int(node.p)) / iv.mpf(int(node.q)), 0)
+    elif node in _UNDEFINED:
+        raise _NotDefined(f"the expression is undefined or complex as written (it contains {node})")
+    elif node is sp.pi:
+        out = (iv.pi, 0)
+    elif node is sp.E:
+        out = (iv.e, 0)
+    elif node.is_Add or node.is_Mul:
+        parts = [_enclose(a, memo) for a in node.args]
+        if all(p is not None for p in parts):
+            acc = parts[0][0]
+            for p in parts[1:]:
+                acc = acc + p[0] if node.is_Add else acc * p[0]
+            out = (acc, max(p[1] for p in parts))
+    elif node.is_Pow:
+        b, e = _enclose(node.base, memo), _enclose(node.exp, memo)
+        if b is not None and e is not None:
+            if node.exp.is_Integer:
+                value = b[0] ** int(node.exp)
+                depth = b[1]
+            elif b[0].a > 0:
+                lg = e[0] * iv.log(b[0])
+                if lg.b > MAX_MAGNITUDE_DIGITS * 2.31:
+                    raise _NotDefined("a constant too large to handle (a power above 10^%d)" % MAX_MAGNITUDE_DIGITS)
+                value = iv.exp(lg)
+                depth = max(b[1], e[1]) + 1
+            else:
+                raise _NotDefined("the expression is complex as written (a power of a number that is not "
+                                  "positive)")
+            out = (value, depth)
+    elif isinstance(node, sp.Piecewise):
+        parts = [_enclose(a.expr, memo) for a in node.args]
+        conds = [(None, 0) if isinstance(a.cond, sp.logic.boolalg.BooleanAtom) else _enclose(a.cond, memo)
+                 for a in node.args]
+        if all(p is not None for p in parts + conds):
+            out = (_hull([p[0] for p in parts]), max(p[1] for p in parts + conds) + 1)
+    elif isinstance(node, sp.core.relational.Relational):
+        parts = [_enclose(a, memo) for a in node.args]
+        if all(p is not None for p in parts):
+            out = (None, max(p[1] for p in parts))
+    elif isinstance(node, sp.Function) and len(node.args) == 1:
+        a = _enclose(node.args[0], memo)
+        if a is not None:
+            x = a[0]
+            name = _FUNCTION_NAMES.get(type(node))
+            if name in _EXP_LIKE and (abs(x.a) > MAX_EXP_ARGUMENT or abs(x.b) > MAX_EXP_ARGUMENT):
+                raise _NotDefined(f"{name} of a constant beyond +-{MAX_EXP_ARGUMENT}: too large")
+            if name == "exp":
+                value = iv.exp(x)
+            elif name == "log":
+                if not x.a > 0:
+                    raise _NotDefined("log of a constant that is not positive: undefined or complex")
+                value = iv.log(x)
+            elif name == "abs":
+                value = abs(x)
+            elif name == "sigmoid":
+                value = 1 / (1 + iv.exp(-x))
+            elif name == "softplus":
+                value = iv.log(1 + iv.exp(x))
+            elif name == "log1p":
+                if not x.a > -1:
+                    raise _NotDefined("log1p of a constant that is not above -1: undefined or complex")
+                value = iv.log(1 + x)
+            elif name == "expm1":
+                value = iv.exp(x) - 1
+            elif name == "xexpm1inv":  # decreasing, positive
+                value = iv.mpf([_xexpm1inv_at(iv.mpf(x.b)).a, _xexpm1inv_at(iv.mpf(x.a)).b])
+            else:
+                value = None
+            if value is not None:
+                out = (value, a[1] + 1)
+    if out is not None and out[0] is not None:
+        v = out[0]
+        if abs(v.a) > _IV_MAX or abs(v.b) > _IV_MAX:
+            raise _NotDefined(f"a constant too large to handle (above 10^{MAX_MAGNITUDE_DIGITS})")
+    memo[node] = out
+    return out
+
+
+_FUNCTION_NAMES = {sp.exp: "exp", sp.log: "log", sp.Abs: "abs", sigmoid: "sigmoid", softplus: "softplus",
+                   log1p: "log1p", expm1: "expm1", xexpm1inv: "xexpm1inv"}
+
+
 def parse_expression(text: str, names: Mapping[str, sp.Basic]) -> sp.Basic:
     """Parse ``text`` using only ``names`` (str -> SymPy object) and the whitelisted functions."""
     try:
-        return _Parser(text, names).parse()
+        expr = _Parser(text, names).parse()
     except RecursionError:  # pragma: no cover - guarded by MAX_DEPTH, kept as a backstop
         raise ParseError(f"expression nested deeper than {MAX_DEPTH} levels", text) from None
+    except ParseError:
+        raise
+    except _SYMPY_FAILURES as exc:
+        if not BACKSTOP:
+            raise
+        # a backstop: SymPy failed while building a tree the checks above let through
+        raise ParseError(f"SymPy cannot build this expression ({type(exc).__name__}: "
+                         f"{_short(str(exc), 80)})", text) from None
+    bad = [u for u in _UNDEFINED if expr.has(u)]
+    if bad:  # a backstop: the checks above refuse these where they arise
+        raise ParseError(f"the expression is undefined or complex as written (it contains {bad[0]})", text)
+    return expr
