@@ -12,9 +12,19 @@
 * The cache lives in ``$DERIVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/derive``, else
   ``~/.cache/derive``; an entry is keyed by the SHA-256 of the source, the header, the
   flags and the compiler's version text, so any change rebuilds.  An entry is written to a
-  temporary file and renamed into place (atomic), and an entry that fails to load or does
-  not carry the expected source digest is rebuilt.
-* Without a compiler, :class:`CompilerNotFoundError` says so; the NumPy backend still works.
+  temporary file and renamed into place (atomic), beside a side file ``<entry>.sha256``
+  holding the SHA-256 of its bytes (written first, also atomically).
+* Nothing is loaded before it is checked: an entry is ``dlopen``-ed (which runs its
+  constructors) only when its bytes have the recorded SHA-256 and it is a regular file owned
+  by this user and writable by no one else; a truncated, corrupt, foreign or planted entry is
+  rebuilt in its place, never loaded.  The cache folder is created owner-only (0o700); an
+  existing one that is owned by another user or writable by group or others is refused
+  (:class:`BuildError` saying so), since a library planted there would run in this process.
+  This protects against other users, not against this user's own programs.
+* Every failure (no compiler, a ``$CC`` that cannot be parsed or run, a cache folder that
+  cannot be created or written, is a file, or is refused, a failed compile) raises
+  :class:`BuildError` (:class:`CompilerNotFoundError` without a compiler) naming its cause;
+  ``backend="auto"`` then uses the NumPy backend with one warning, which needs none of this.
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ import hashlib
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -57,15 +68,60 @@ def cache_dir() -> Path:
     if env:
         return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "derive"
+    if xdg:
+        return Path(xdg) / "derive"
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError, OSError) as exc:  # no $HOME and no password entry
+        raise BuildError(f"no folder for the kernel cache: the home folder is unknown ({exc}); "
+                         "set DERIVE_CACHE_DIR") from None
+    return home / ".cache" / "derive"
+
+
+def _private_cache_dir(path: Path) -> Path:
+    """``path``, created owner-only (0o700) when missing; :class:`BuildError` when it cannot be
+    created or is refused (owned by another user, writable by group or others)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError:
+        raise BuildError(f"the kernel cache folder {path} is not a folder (a file is in the way); "
+                         "remove it or set DERIVE_CACHE_DIR") from None
+    except OSError as exc:
+        raise BuildError(f"the kernel cache folder {path} cannot be created: {exc.strerror or exc}"
+                         f"{_where(exc)}; set DERIVE_CACHE_DIR to a writable folder") from None
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise BuildError(f"the kernel cache folder {path} cannot be read: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise BuildError(f"the kernel cache folder {path} is not a folder; remove it or set DERIVE_CACHE_DIR")
+    if hasattr(os, "geteuid"):
+        if st.st_uid != os.geteuid():
+            raise BuildError(f"refusing the kernel cache folder {path}: it is owned by uid {st.st_uid}, not by this "
+                             f"user (uid {os.geteuid()}), and a library planted there would run in this process; "
+                             "set DERIVE_CACHE_DIR to a folder of your own")
+        if st.st_mode & 0o022:
+            who = " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002)) if st.st_mode & bit)
+            raise BuildError(f"refusing the kernel cache folder {path}: it is writable by {who} "
+                             f"(mode {stat.S_IMODE(st.st_mode):04o}), and a library planted there would run in this "
+                             f"process; make it private (chmod 700 {path}) or set DERIVE_CACHE_DIR")
+    return path
+
+
+def _where(exc) -> str:
+    return f" ({exc.filename})" if getattr(exc, "filename", None) else ""
 
 
 def find_compiler() -> list:
     """The compiler command as a list (``$CC`` may carry arguments)."""
     env = os.environ.get("CC")
     if env:
-        cmd = shlex.split(env)
+        try:
+            cmd = shlex.split(env)
+        except ValueError as exc:  # an unbalanced quote
+            raise CompilerNotFoundError(f"the C compiler CC={env!r} cannot be parsed ({exc}); fix its quoting or "
+                                        "unset CC (the NumPy backend works without a compiler: "
+                                        "backend='numpy')") from None
         if cmd and (shutil.which(cmd[0]) or Path(cmd[0]).is_file()):
             return cmd
         raise CompilerNotFoundError(
@@ -95,16 +151,17 @@ def _compiler_version(cmd) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _probe(cmd, flag) -> bool:
-    """Whether the compiler builds and links a small shared library with ``flag``."""
-    with tempfile.TemporaryDirectory(prefix="derive-probe-") as tmp:
-        src = Path(tmp) / "probe.c"
-        src.write_text("int derive_probe(int a) { return a + 1; }\n")
-        try:
+    """Whether the compiler builds and links a small shared library with ``flag`` (False too
+    when no temporary folder can be written: the flag is then left out)."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="derive-probe-") as tmp:
+            src = Path(tmp) / "probe.c"
+            src.write_text("int derive_probe(int a) { return a + 1; }\n")
             res = subprocess.run([*cmd, *CFLAGS, flag, str(src), "-o", str(Path(tmp) / "probe.so")],
                                  capture_output=True, timeout=120)
-        except (OSError, subprocess.SubprocessError):
-            return False
-        return res.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return res.returncode == 0
 
 
 def build_flags(cmd=None) -> tuple:
@@ -165,22 +222,94 @@ def _lib_suffix() -> str:
     return ".dylib" if sys.platform == "darwin" else (".dll" if os.name == "nt" else ".so")
 
 
-def compile_library(cmd, out: Path, generated: Path = GENERATED_DIR) -> None:
-    """Compile into ``out`` atomically (a temporary file in the same folder, then rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+def digest_path(lib: Path) -> Path:
+    """The side file that holds the SHA-256 of a cached library's bytes."""
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        args = [*cmd, *build_flags(cmd), "-I", str(generated), str(Path(generated) / SOURCE), "-o", tmp, *LDLIBS]
-        res = subprocess.run(args, capture_output=True, text=True, timeout=600)
-        if res.returncode != 0:
-            raise BuildError("compiling the C kernels failed:\n$ " + " ".join(shlex.quote(a) for a in args)
-                             + "\n" + (res.stderr or res.stdout))
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def compile_library(cmd, out: Path, generated: Path = GENERATED_DIR) -> None:
+    """Compile into ``out`` atomically (a temporary file in the same folder, then rename), its
+    SHA-256 into :func:`digest_path` (renamed into place just before the library)."""
+    _private_cache_dir(out.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    except OSError as exc:
+        raise BuildError(f"cannot write to the kernel cache folder {out.parent}: {exc.strerror or exc}; "
+                         "set DERIVE_CACHE_DIR to a writable folder") from None
+    os.close(fd)
+    try:
+        args = [*cmd, *build_flags(cmd), "-I", str(generated), str(Path(generated) / SOURCE), "-o", tmp, *LDLIBS]
+        try:
+            res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            raise BuildError(f"compiling the C kernels took more than 600 s: {' '.join(map(shlex.quote, args))}") from None
+        except OSError as exc:
+            raise BuildError(f"cannot run the C compiler {cmd[0]!r}: {exc.strerror or exc}") from None
+        if res.returncode != 0:
+            raise BuildError("compiling the C kernels failed:\n$ " + " ".join(shlex.quote(a) for a in args)
+                             + "\n" + (res.stderr or res.stdout))
+        try:
+            with open(tmp, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            os.chmod(tmp, 0o755)
+            _write_atomic(digest_path(out), (digest + "\n").encode())
+            os.replace(tmp, out)
+        except OSError as exc:
+            raise BuildError(f"cannot write the compiled kernels into {out.parent}: {exc.strerror or exc}"
+                             f"{_where(exc)}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def verify_entry(path: Path) -> bool:
+    """Whether the cached library at ``path`` may be loaded: a regular file (not a link) owned
+    by this user, writable by no one else, whose bytes have the SHA-256 recorded beside it when
+    it was built.  Read without loading it: a truncated or planted file is never ``dlopen``-ed."""
+    try:
+        want = digest_path(path).read_text().strip()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o022:
+            return False
+        if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+            return False
+        h = hashlib.sha256()
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            h.update(chunk)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return h.hexdigest() == want
+
+
+def _entry(cmd, key: str, generated: Path) -> Path:
+    """The verified cache entry for ``key``, built (again) when missing or failing the check."""
+    path = _private_cache_dir(cache_dir()) / f"libderive_focal_{key}{_lib_suffix()}"
+    for _ in range(3):  # a concurrent builder may replace the pair between our writes and our check
+        if verify_entry(path):
+            return path
+        compile_library(cmd, path, generated)
+    raise BuildError(f"{path} does not match its recorded SHA-256 ({digest_path(path)}) even after "
+                     "rebuilding it; is another program writing into the cache folder?")
 
 
 def _check_loaded(lib, expected: str) -> bool:
@@ -221,13 +350,17 @@ _LOADED: dict = {}
 
 
 def library_path(generated: Path = GENERATED_DIR) -> Path:
-    """Build (if needed) and return the cached shared library's path."""
+    """Build (if needed) and return the cached shared library's path (checked as
+    :func:`verify_entry` says)."""
     cmd = find_compiler()
-    key = build_key(cmd, generated)
-    path = cache_dir() / f"libderive_focal_{key}{_lib_suffix()}"
-    if not path.exists():
-        compile_library(cmd, path, generated)
-    return path
+    return _entry(cmd, _key(cmd, generated), generated)
+
+
+def _key(cmd, generated) -> str:
+    try:
+        return build_key(cmd, generated)
+    except OSError as exc:
+        raise BuildError(f"cannot read the generated kernels: {exc.strerror or exc}{_where(exc)}") from None
 
 
 _RECHECK_S = 0.5  # a loaded library is looked up again (files, environment) at most this often
@@ -249,32 +382,20 @@ def load(generated: Path = GENERATED_DIR) -> ctypes.CDLL:
 def _load(generated: Path) -> ctypes.CDLL:
     with _LOCK:
         cmd = find_compiler()
-        key = build_key(cmd, generated)
+        key = _key(cmd, generated)
         if key in _LOADED:
             return _LOADED[key]
-        path = cache_dir() / f"libderive_focal_{key}{_lib_suffix()}"
-        expected = source_digest(generated)
-        lib = None
-        if path.exists():
-            try:
-                lib = ctypes.CDLL(str(path))
-                if not _check_loaded(lib, expected):
-                    lib = None
-            except OSError:
-                lib = None
-            if lib is None:  # corrupt or foreign entry: rebuild it
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
-        if lib is None:
-            compile_library(cmd, path, generated)
-            try:
-                lib = ctypes.CDLL(str(path))
-            except OSError as exc:
-                raise BuildError(f"the C kernels were compiled but cannot be loaded: {exc}") from None
-            if not _check_loaded(lib, expected):
-                raise BuildError(f"{path} does not report source digest {expected}")
+        try:
+            expected = source_digest(generated)
+        except (OSError, ValueError) as exc:
+            raise BuildError(f"cannot read the source digest of the generated header in {generated}: {exc}") from None
+        path = _entry(cmd, key, generated)  # checked before it is loaded
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            raise BuildError(f"the C kernels were compiled but cannot be loaded: {exc}") from None
+        if not _check_loaded(lib, expected):
+            raise BuildError(f"{path} does not report source digest {expected}")
         _declare(lib, generated)
         _LOADED[key] = lib
         return lib
@@ -310,5 +431,5 @@ def _declare(lib, generated):
 
 
 __all__ = ["load", "library_path", "cache_dir", "find_compiler", "BuildError", "CompilerNotFoundError", "CFLAGS",
-           "build_flags", "cpu_id",
+           "build_flags", "cpu_id", "verify_entry", "digest_path",
            "LDLIBS", "load_numpy_module", "GENERATED_DIR"]
