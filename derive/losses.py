@@ -6,8 +6,12 @@ respect to the logits) in the logits' dtype, computed in one fused pass by the g
 kernels:
 
 * ``backend="c"``: the generated C library (compiled on first use and cached, see
-  :mod:`derive.cbuild`); ``backend="numpy"``: the generated NumPy module;
-  ``backend="auto"`` (default): C when a compiler is available, else NumPy.
+  :mod:`derive.cbuild`), or :class:`derive.cbuild.BuildError` naming why it cannot be built
+  or loaded; ``backend="numpy"``: the generated NumPy module; ``backend="auto"`` (default):
+  C when the library builds and loads, else NumPy with one
+  :class:`CBackendUnavailableWarning` naming the cause (no compiler, an unusable cache
+  folder, ...), given once per configuration (``$CC``, ``$PATH``, cache folder variables) per
+  process, which then stays on NumPy without trying again.
 * ``reduction``: ``"none"`` (per element / per row), ``"sum"`` or ``"mean"``.  With
   ``return_grad=True`` the gradient is that of the reduced loss (for ``"none"``: of each
   element's loss with respect to its own logits, i.e. the backward pass with ones).
@@ -22,8 +26,13 @@ dtype, C-contiguous, writeable, and sharing no memory with the inputs or each ot
 ``"sum"``/``"mean"`` reduction ``loss`` holds the unreduced values and the scalar is returned.
 
 ``threads``: None (default) uses all threads (OpenMP, for calls on at least
-``DERIVE_PARALLEL_MIN`` = 32768 values; smaller ones stay serial); an integer caps them.
-The C backend only; results do not depend on it.
+``DERIVE_PARALLEL_MIN`` = 32768 values; smaller ones stay serial), at most
+:data:`MAX_THREADS` = 256 (``DERIVE_MAX_THREADS``; a larger ``OMP_NUM_THREADS`` is clamped);
+an integer from 1 to 256 caps them, anything else (0, negative, above 256, not an integer)
+raises ValueError naming ``threads``.  In a process forked after the kernels ran on several
+threads (``os.fork``, multiprocessing "fork", DataLoader workers) they run on one thread:
+OpenMP's thread pool does not survive fork, and the child would otherwise hang.  The C
+backend only; results do not depend on it.
 
 Binary labels are 0 or 1 (any numeric or bool dtype); softmax targets are integer class
 indices, or ``ignore_index`` for rows that get zero loss and zero gradient.  Any other label
@@ -35,6 +44,8 @@ error is raised before anything is written.
 from __future__ import annotations
 
 import numbers
+import os
+import warnings
 
 import numpy as np
 
@@ -49,7 +60,16 @@ __all__ = [
     "softmax_cross_entropy",
     "softmax_focal_loss",
     "available_backends",
+    "CBackendUnavailableWarning",
+    "MAX_THREADS",
 ]
+
+#: The most threads a call may ask for (``DERIVE_MAX_THREADS`` of generated/focal_kernels.h).
+MAX_THREADS = 256
+
+
+class CBackendUnavailableWarning(RuntimeWarning):
+    """``backend="auto"`` uses NumPy because the C library cannot be built or loaded."""
 
 _REDUCTIONS = ("none", "sum", "mean")
 _BACKENDS = ("auto", "c", "numpy")
@@ -92,8 +112,10 @@ def _binary_labels(targets, x, name="targets", backend="numpy"):
 def _threads(threads):
     if threads is None:
         return 0
-    if isinstance(threads, bool) or not isinstance(threads, (numbers.Integral, np.integer)) or threads < 1:
-        raise ValueError(f"threads must be None (all) or a positive integer, got {threads!r}")
+    if (isinstance(threads, bool) or not isinstance(threads, (numbers.Integral, np.integer))
+            or not 1 <= threads <= MAX_THREADS):
+        raise ValueError(f"threads must be None (all cores, at most {MAX_THREADS}) or an integer from 1 to "
+                         f"{MAX_THREADS}, got {threads!r}")
     return int(threads)
 
 
@@ -175,27 +197,38 @@ def _outputs(out, x, loss_shape, inputs):
     return loss, grad
 
 
+# what decides whether the C library builds and where it is cached
+_CONFIG_ENV = ("CC", "PATH", "DERIVE_CACHE_DIR", "XDG_CACHE_HOME", "HOME", "DERIVE_OPENMP", "DERIVE_NATIVE")
+_C_UNAVAILABLE: dict = {}  # configuration -> the BuildError for which "auto" uses NumPy
+
+
+def _c_works(stacklevel):
+    """Whether the C library loads; when not, warn once for this configuration, and do not try
+    again with it (a failed build would otherwise be retried, and warned about, on every call)."""
+    if _C_UNAVAILABLE and tuple(map(os.environ.get, _CONFIG_ENV)) in _C_UNAVAILABLE:
+        return False
+    try:
+        cbuild.load()
+        return True
+    except cbuild.BuildError as exc:
+        _C_UNAVAILABLE[tuple(map(os.environ.get, _CONFIG_ENV))] = exc
+        warnings.warn(f"derive: using the NumPy backend (same results, slower) because the C kernels cannot be "
+                      f"built or loaded: {exc}", CBackendUnavailableWarning, stacklevel=stacklevel + 1)
+        return False
+
+
 def _backend(backend):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
     if backend == "auto":
-        try:
-            cbuild.load()
-        except cbuild.BuildError:
-            return "numpy"
-        return "c"
+        return "c" if _c_works(stacklevel=4) else "numpy"
     return backend
 
 
 def available_backends():
-    """The backends that work here: always "numpy", and "c" when the C library builds."""
-    out = ["numpy"]
-    try:
-        cbuild.load()
-        out.insert(0, "c")
-    except cbuild.BuildError:
-        pass
-    return out
+    """The backends that work here: always "numpy", and "c" when the C library builds and
+    loads (else one :class:`CBackendUnavailableWarning` naming the cause, as for "auto")."""
+    return ["c", "numpy"] if _c_works(stacklevel=2) else ["numpy"]
 
 
 def _info(name):
