@@ -37,6 +37,44 @@ def _parse_number(text: str) -> sp.Rational:
     return sp.Rational(text)
 
 
+def _fraction(value):
+    """The exact value of an int, Fraction, SymPy rational or mpf as a Fraction; None for an
+    mpf whose binary exponent is too large to expand (compared by magnitude instead)."""
+    if isinstance(value, Fraction):
+        return value
+    if isinstance(value, int):
+        return Fraction(value)
+    if isinstance(value, sp.Rational):
+        return Fraction(int(value.p), int(value.q))
+    if isinstance(value, float):
+        return Fraction(value)
+    import mpmath
+
+    v = mpmath.mpf(value)
+    if not mpmath.isfinite(v):
+        raise DomainError(f"{value!r} is not a finite number")
+    man, exp = v.man_exp
+    if abs(exp) > 100_000:
+        return None
+    return Fraction(int(man)) * (Fraction(2) ** int(exp))
+
+
+def _cmp(value, bound) -> int:
+    """Exact sign of value - bound (-1, 0, 1); bound is rational, value rational or mpf."""
+    b = _fraction(bound)
+    a = _fraction(value)
+    if a is not None:
+        return (a > b) - (a < b)
+    import mpmath
+
+    # a binary exponent beyond 100000 bits: |value| is far from any rational bound we use
+    v = mpmath.mpf(value)
+    sign = 1 if v > 0 else -1
+    if mpmath.mag(v) > 0 or b == 0:
+        return sign
+    return (0 > b) - (0 < b)  # |value| below 2^-100000: it compares with b as 0 does
+
+
 @dataclass(frozen=True)
 class Domain:
     """A subset of the real line: an interval (possibly unbounded) or a finite set."""
@@ -99,18 +137,44 @@ class Domain:
         return self.values is not None
 
     def contains(self, value) -> bool:
-        """Whether a real number (int, Fraction, mpf, SymPy number) lies in the domain."""
+        """Whether a real number (int, Fraction, mpf, SymPy number) lies in the domain.
+
+        The comparison is exact (rational arithmetic, never floats): 1/3 lies in (0, 1/3]."""
         if self.is_finite:
-            return any(value == v for v in self.values)
+            return any(_cmp(value, v) == 0 for v in self.values)
         if self.lo is not None:
-            lo = float(self.lo)
-            if value < lo or (self.lo_open and value == lo):
+            c = _cmp(value, self.lo)
+            if c < 0 or (self.lo_open and c == 0):
                 return False
         if self.hi is not None:
-            hi = float(self.hi)
-            if value > hi or (self.hi_open and value == hi):
+            c = _cmp(value, self.hi)
+            if c > 0 or (self.hi_open and c == 0):
                 return False
         return True
+
+    def locate(self, lo, hi):
+        """Where a real number known only to lie in [lo, hi] is: True (certainly inside the
+        domain), False (certainly outside) or None (the enclosure is too wide to tell).
+        ``lo`` and ``hi`` are exact numbers (mpf endpoints of an interval, rationals)."""
+        if self.is_finite:
+            hits = [v for v in self.values if _cmp(lo, v) <= 0 <= _cmp(hi, v)]
+            if not hits:
+                return False
+            if len(hits) == 1 and _cmp(lo, hi) == 0:
+                return True
+            return None
+        a, b = self.contains(lo), self.contains(hi)
+        if a and b:
+            return True  # an interval is convex
+        if self.lo is not None:
+            c = _cmp(hi, self.lo)
+            if c < 0 or (self.lo_open and c == 0):
+                return False
+        if self.hi is not None:
+            c = _cmp(lo, self.hi)
+            if c > 0 or (self.hi_open and c == 0):
+                return False
+        return None
 
     def pretty(self) -> str:
         if self.is_finite:
@@ -153,6 +217,29 @@ class Domain:
         # [lo, hi]: lo + width * v with v in [0, 1]; v is only known to be nonnegative here
         w = sp.Dummy(name, nonnegative=True)
         return lo + width * w / (1 + w), w  # covers [lo, hi); hi itself is checked numerically
+
+    def scale_samples(self) -> list[sp.Rational]:
+        """Values at every scale the domain allows, in a fixed order: tiny and huge
+        magnitudes of both signs, and points a hair inside each finite bound (the moderate
+        values come from :meth:`samples`)."""
+        if self.is_finite:
+            return []
+        tiny, big, huge = sp.Rational(1, 10**20), sp.Integer(1000), sp.Integer(10**12)
+        cands = []
+        if self.lo is None and self.hi is None:
+            cands = [tiny, -tiny, big, -big, huge, -huge, sp.Rational(1, 10**6), -sp.Rational(10**6, 7)]
+        elif self.hi is None:
+            cands = [self.lo + tiny, self.lo + big, self.lo + huge, self.lo + sp.Rational(1, 10**6)]
+        elif self.lo is None:
+            cands = [self.hi - tiny, self.hi - big, self.hi - huge, self.hi - sp.Rational(1, 10**6)]
+        else:
+            w = self.hi - self.lo
+            cands = [self.lo + w * tiny, self.hi - w * tiny, self.lo + w / 10**6, self.hi - w / 10**6]
+        out = []
+        for c in cands:
+            if self.contains(c) and c not in out:
+                out.append(c)
+        return out
 
     def samples(self, rng: random.Random, count: int) -> list[sp.Rational]:
         """Simple values first, then random ones; every value lies in the domain."""

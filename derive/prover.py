@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import random
 import signal
 import threading
@@ -52,15 +53,30 @@ class StrategyTimeout(BaseException):
 
 _ALARM_ACTIVE = [False]
 
+#: limits above this (seconds) are no limit: setitimer cannot take inf or huge values
+MAX_TIMER = 1e6
+#: the smallest timer armed; a smaller positive limit is rounded up to it (it still expires)
+MIN_TIMER = 1e-3
+
 
 @contextlib.contextmanager
 def time_limit(seconds: float | None):
     """Raise StrategyTimeout in this block after ``seconds``.
 
-    ``None`` means no limit; a limit already spent raises at once.  Only the main thread can
-    take signals; elsewhere the block runs unbounded.  Nested blocks run under the outer
-    alarm.  The alarm repeats every 0.2 s until the block is left, in case library code
-    catches even BaseException once."""
+    ``None``, inf, NaN and limits beyond MAX_TIMER mean no limit; a limit already spent
+    raises at once.  Only the main thread can take signals; elsewhere the block runs
+    unbounded.  Nested blocks run under the outer alarm.  The alarm repeats every 0.2 s
+    until the block is left, in case library code catches even BaseException once.
+
+    The timer is armed inside the ``try`` and always disarmed in the ``finally``, which an
+    alarm arriving while it runs cannot cut short: no timer outlives the block."""
+    if seconds is not None:
+        try:
+            seconds = float(seconds)
+        except (TypeError, ValueError):
+            seconds = None
+    if seconds is not None and (math.isnan(seconds) or seconds > MAX_TIMER):
+        seconds = None
     if seconds is not None and seconds <= 0:
         raise StrategyTimeout()
     if seconds is None or _ALARM_ACTIVE[0] or threading.current_thread() is not threading.main_thread():
@@ -74,14 +90,19 @@ def time_limit(seconds: float | None):
 
     old = signal.signal(signal.SIGALRM, handler)
     _ALARM_ACTIVE[0] = True
-    signal.setitimer(signal.ITIMER_REAL, seconds, 0.2)
     try:
+        signal.setitimer(signal.ITIMER_REAL, max(seconds, MIN_TIMER), 0.2)
         yield
     finally:
-        active[0] = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        _ALARM_ACTIVE[0] = False
+        while True:
+            try:
+                active[0] = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, old)
+                _ALARM_ACTIVE[0] = False
+                break
+            except StrategyTimeout:  # the alarm fired before active[0] = False: disarm again
+                continue
 
 
 @dataclass
@@ -157,7 +178,21 @@ class Resolver:
 
 
 class _Invalid(Exception):
-    """The expression has no real value at this point (log of a negative number, 1/0, ...)."""
+    """The expression certainly has no real value at this point (log of a negative number,
+    1/0, ...)."""
+
+
+class _Undecided(Exception):
+    """The interval enclosure at this precision is too wide to decide a branch, a sign or a
+    base (a where() condition at its threshold, log of an enclosure around 0, ...)."""
+
+
+#: agreement at a point means |lhs - rhs| below 10^-AGREE_DIGITS times the smallest nonzero
+#: magnitude met while evaluating either side (so a constant -1 beside e^300 counts)
+AGREE_DIGITS = 20
+#: precision (decimal digits) beyond which a point is dropped as undecidable
+MAX_DPS = 1500
+_LOG10_2 = 0.30102999566398120
 
 
 def _prepare_numeric(expr):
@@ -171,94 +206,309 @@ def _mp(value):
     return mpmath.mpf(value)
 
 
-def _walk(e, env, memo):
-    hit = memo.get(e)
-    if hit is not None:
-        return hit
-    if e.is_Symbol:
-        if e not in env:
-            raise _Invalid(f"no value for {e}")
-        val = env[e]
-    elif e.is_Rational:
-        val = _mp(e)
-    elif e.is_Add:
-        val = mpmath.fsum(_walk(a, env, memo) for a in e.args)
-    elif e.is_Mul:
-        val = mpmath.mpf(1)
-        for a in e.args:
-            val *= _walk(a, env, memo)
-    elif e.is_Pow:
-        b = _walk(e.base, env, memo)
-        if e.exp.is_Integer:
-            if b == 0 and e.exp < 0:
-                raise _Invalid("division by zero")
-            val = b ** int(e.exp)
-        else:
-            x = _walk(e.exp, env, memo)
-            if b < 0:
-                raise _Invalid("negative base")
-            if b == 0:
-                if x < 0:
-                    raise _Invalid("0 to a negative power")
-                val = mpmath.mpf(1) if x == 0 else mpmath.mpf(0)
-            else:
-                val = mpmath.power(b, x)
-    elif isinstance(e, sp.exp):
-        val = mpmath.exp(_walk(e.args[0], env, memo))
-    elif isinstance(e, sp.log):
-        a = _walk(e.args[0], env, memo)
-        if a <= 0:
-            raise _Invalid("log of a non-positive number")
-        val = mpmath.log(a)
-    elif isinstance(e, sp.Abs):
-        val = abs(_walk(e.args[0], env, memo))
-    elif isinstance(e, sp.Piecewise):
-        for value, cond in e.args:
-            if cond is sp.true or _truth(cond, env, memo):
-                val = _walk(value, env, memo)
-                break
-        else:
+_IV = mpmath.iv
+
+
+def _ends(v):
+    lo, hi = v._mpi_
+    return mpmath.mp.make_mpf(lo), mpmath.mp.make_mpf(hi)
+
+
+_IV_CACHE: dict = {}
+
+
+def _iv_rational(value):
+    """Enclosure of a rational at the current interval precision (cached)."""
+    key = (value, _IV.prec)
+    hit = _IV_CACHE.get(key)
+    if hit is None:
+        p, q = int(value.p), int(value.q)
+        hit = _IV.mpf(p) if q == 1 else _IV.mpf(p) / q
+        if len(_IV_CACHE) > 100_000:
+            _IV_CACHE.clear()
+        _IV_CACHE[key] = hit
+    return hit
+
+
+class _Eval:
+    """Rigorous evaluation with mpmath interval arithmetic at one precision.
+
+    Every value is an enclosure [lo, hi] of the exact real value, so two sides whose
+    enclosures are disjoint certainly differ, however large the cancellation or the
+    magnitudes.  The walk records the largest and the smallest nonzero magnitude (as binary
+    exponents) it met, from which the precision needed to resolve a difference follows."""
+
+    def __init__(self, env, exact=None):
+        self.env = env
+        self.exact = exact  # the point as SymPy rationals, for conditions at a threshold
+        self.memo = {}
+        self.max_mag = None
+        self.min_mag = None
+
+    def _note(self, val):
+        (ls, lm, le, lb), (hs, hm, he, hb) = val._mpi_  # raw (sign, man, exp, bc) endpoints
+        if (not lm and (le or lb)) or (not hm and (he or hb)):
+            raise _Undecided("an enclosure is unbounded")
+        m = max(le + lb if lm else -10**9, he + hb if hm else -10**9)
+        if m > -10**9 and (self.max_mag is None or m > self.max_mag):
+            self.max_mag = m
+        if lm and hm and ls == hs:  # 0 is not in the enclosure
+            n = min(le + lb, he + hb) - 1
+            if self.min_mag is None or n < self.min_mag:
+                self.min_mag = n
+
+    def walk(self, e):
+        hit = self.memo.get(e)
+        if hit is not None:
+            return hit
+        val = self._walk(e)
+        self._note(val)
+        self.memo[e] = val
+        return val
+
+    def _walk(self, e):
+        w = self.walk
+        if e.is_Symbol:
+            if e not in self.env:
+                raise _Invalid(f"no value for {e}")
+            return self.env[e]
+        if e.is_Rational:
+            return _iv_rational(e)
+        if e in (sp.nan, sp.zoo, sp.oo, sp.S.NegativeInfinity) or e.is_Number and not e.is_finite:
+            raise _Invalid("not a finite number")
+        if e.is_Add:
+            val = _IV.mpf(0)
+            for a in e.args:
+                val = val + w(a)
+            return val
+        if e.is_Mul:
+            val = _IV.mpf(1)
+            for a in e.args:
+                val = val * w(a)
+            return val
+        if e.is_Pow:
+            return self._pow(e)
+        if isinstance(e, sp.exp):
+            return _IV.exp(w(e.args[0]))
+        if isinstance(e, sp.log):
+            a = w(e.args[0])
+            lo, hi = _ends(a)
+            if hi <= 0:
+                raise _Invalid("log of a non-positive number")
+            if lo <= 0:
+                raise _Undecided("log of an enclosure of 0")
+            return _IV.log(a)
+        if isinstance(e, sp.Abs):
+            return abs(w(e.args[0]))
+        if isinstance(e, sp.Piecewise):
+            for value, cond in e.args:
+                t = self.truth(cond)
+                if t is None:
+                    raise _Undecided("a where() condition is at its threshold")
+                if t:
+                    return w(value)
             raise _Invalid("no branch of a piecewise expression applies")
-    elif e.is_Number or e.is_NumberSymbol:
-        val = mpmath.mpf(sp.N(e, mpmath.mp.dps + 5))
-    else:
+        if e is sp.pi:
+            return _IV.pi
+        if e is sp.E:
+            return _IV.e
+        if e.is_Float:
+            return _IV.mpf(mpmath.mp.make_mpf(e._mpf_))
+        if e.is_Number or e.is_NumberSymbol:
+            v = mpmath.mpf(sp.N(e, _IV.dps + 20)._mpf_)
+            if not mpmath.isfinite(v):
+                raise _Invalid("not a finite number")
+            eps = abs(v) * mpmath.mpf(2) ** (-_IV.prec - 20) + mpmath.mpf(2) ** (-_IV.prec * 4)
+            return _IV.mpf([v - eps, v + eps])
         raise _Invalid(f"cannot evaluate {type(e).__name__}")
-    memo[e] = val
-    return val
+
+    def _pow(self, e):
+        b = self.walk(e.base)
+        lo, hi = _ends(b)
+        if e.exp.is_Integer:
+            n = int(e.exp)
+            if lo == 0 and hi == 0:
+                if n < 0:
+                    raise _Invalid("division by zero")
+                return _IV.mpf(1) if n == 0 else _IV.mpf(0)
+            if n < 0 and lo <= 0 <= hi:
+                raise _Undecided("division by an enclosure of 0")
+            if abs(n) <= 64:
+                return b ** n
+            if lo > 0:
+                return _IV.exp(n * _IV.log(b))
+            if hi < 0:
+                r = _IV.exp(n * _IV.log(-b))
+                return r if n % 2 == 0 else -r
+            raise _Undecided("a large power of an enclosure of 0")
+        x = self.walk(e.exp)
+        if hi < 0:
+            raise _Invalid("negative base to a non-integer power")
+        if lo == 0 and hi == 0:
+            xl, xh = _ends(x)
+            if xl > 0:
+                return _IV.mpf(0)
+            if xh < 0:
+                raise _Invalid("0 to a negative power")
+            if xl == 0 and xh == 0:
+                return _IV.mpf(1)
+            raise _Undecided("0 to a power of unknown sign")
+        if lo <= 0:
+            raise _Undecided("a power of an enclosure of 0")
+        return _IV.exp(x * _IV.log(b))
+
+    def truth(self, cond):
+        """True, False, or None when the enclosures do not decide the condition."""
+        if cond in (sp.true, True):
+            return True
+        if cond in (sp.false, False):
+            return False
+        if isinstance(cond, sp.And):
+            ts = [self.truth(c) for c in cond.args]
+            return False if False in ts else (None if None in ts else True)
+        if isinstance(cond, sp.Or):
+            ts = [self.truth(c) for c in cond.args]
+            return True if True in ts else (None if None in ts else False)
+        if isinstance(cond, sp.Not):
+            t = self.truth(cond.args[0])
+            return None if t is None else not t
+        if isinstance(cond, sp.core.relational.Relational):
+            t = self._interval_truth(cond)
+            if t is None and self.exact is not None:
+                # at its threshold (x == 1/7 at x = 1/7): decide with the exact rational point
+                try:
+                    r = cond.xreplace(self.exact)
+                except Exception:
+                    r = None
+                if r in (sp.true, sp.false):
+                    return bool(r)
+            return t
+        raise _Invalid(f"cannot evaluate condition {cond}")
+
+    def _interval_truth(self, cond):
+        if True:
+            al, ah = _ends(self.walk(cond.lhs))
+            bl, bh = _ends(self.walk(cond.rhs))
+            if isinstance(cond, (sp.Eq, sp.Ne)):
+                eq = True if (al == ah == bl == bh) else (False if ah < bl or bh < al else None)
+                return eq if eq is None or isinstance(cond, sp.Eq) else not eq
+            if isinstance(cond, (sp.StrictGreaterThan, sp.GreaterThan)):
+                al, ah, bl, bh = bl, bh, al, ah  # a > b is b < a
+            strict = isinstance(cond, (sp.StrictLessThan, sp.StrictGreaterThan))
+            if (ah < bl) if strict else (ah <= bl):
+                return True
+            if (al >= bh) if strict else (al > bh):
+                return False
+            return None
 
 
-def _truth(cond, env, memo):
-    if cond in (sp.true, True):
-        return True
-    if cond in (sp.false, False):
-        return False
-    ops = {sp.Eq: lambda a, b: a == b, sp.Ne: lambda a, b: a != b, sp.StrictLessThan: lambda a, b: a < b,
-           sp.LessThan: lambda a, b: a <= b, sp.StrictGreaterThan: lambda a, b: a > b,
-           sp.GreaterThan: lambda a, b: a >= b}
-    for cls, fn in ops.items():
-        if isinstance(cond, cls):
-            return fn(_walk(cond.lhs, env, memo), _walk(cond.rhs, env, memo))
-    if isinstance(cond, sp.And):
-        return all(_truth(c, env, memo) for c in cond.args)
-    if isinstance(cond, sp.Or):
-        return any(_truth(c, env, memo) for c in cond.args)
-    raise _Invalid(f"cannot evaluate condition {cond}")
+def _ieval(prepared, point, dps):
+    """(enclosure, evaluator) of ``prepared`` at ``point`` with ``dps`` digits; raises
+    _Invalid (certainly no real value) or _Undecided."""
+    old = _IV.prec
+    try:
+        _IV.dps = dps
+        exact = {s: sp.Rational(v) for s, v in point.items()}
+        ev = _Eval({s: _iv_rational(v) for s, v in exact.items()}, exact)
+        try:
+            val = ev.walk(prepared)
+        except (ZeroDivisionError, ValueError, OverflowError, TypeError, ArithmeticError) as exc:
+            raise _Undecided(f"{type(exc).__name__} in the evaluator") from None
+        return val, ev
+    finally:
+        _IV.prec = old
 
 
 def _eval(prepared, point):
-    env = {s: _mp(v) for s, v in point.items()}
+    """The value at ``point`` (midpoint of a 40-digit enclosure), None when there is none."""
     try:
-        val = _walk(prepared, env, {})
-    except (_Invalid, ZeroDivisionError, ValueError, OverflowError):
+        val, _ = _ieval(prepared, point, DPS)
+    except (_Invalid, _Undecided):
         return None
-    if not isinstance(val, mpmath.mpf) or not mpmath.isfinite(val):
-        return None
-    return val
+    return _mid(val)
 
 
-def _differs(a, b, dps):
-    tol = mpmath.mpf(10) ** (-(dps - 12))
-    return abs(a - b) > tol * max(1, abs(a), abs(b))
+def _mid(v):
+    lo, hi = _ends(v)
+    return (lo + hi) / 2
+
+
+def _show_pair(a, b, dps):
+    """Both values printed with as many digits as it takes for the texts to differ."""
+    with mpmath.workdps(dps + 10):
+        x, y = _mid(a), _mid(b)
+        n = 12
+        while True:
+            sa, sb = mpmath.nstr(x, n), mpmath.nstr(y, n)
+            if sa != sb or n >= dps:
+                return sa, sb
+            n = min(dps, n * 2)
+
+
+@dataclass
+class PointResult:
+    kind: str  # "agree", "differ", "invalid", "undecided"
+    reason: str = ""
+    lhs: object = None
+    rhs: object = None
+    dps: int = DPS
+
+
+def _span_digits(*evs):
+    mx = [e.max_mag for e in evs if e.max_mag is not None]
+    mn = [e.min_mag for e in evs if e.min_mag is not None]
+    if not mx or not mn:
+        return 0, None
+    return max(0, int((max(mx) - min(mn)) * _LOG10_2) + 1), min(mn)
+
+
+def compare_at(pl, pr, point, dps=DPS, max_dps=MAX_DPS) -> PointResult:
+    """Compare two prepared sides at one point, raising the precision until the answer is
+    certain: "differ" (disjoint enclosures), "agree" (|lhs - rhs| below 10^-AGREE_DIGITS of
+    the smallest magnitude involved), "invalid" (a side has no real value) or "undecided"
+    (not resolved within ``max_dps`` digits)."""
+    P = dps
+    reason = ""
+    while True:
+        try:
+            L, el = _ieval(pl, point, P)
+            R, er = _ieval(pr, point, P)
+        except _Invalid as exc:
+            return PointResult("invalid", str(exc), dps=P)
+        except _Undecided as exc:
+            reason = str(exc)
+            if P >= max_dps:
+                return PointResult("undecided", reason, dps=P)
+            P = min(max_dps, 2 * P)
+            continue
+        ll, lh = _ends(L)
+        rl, rh = _ends(R)
+        if lh < rl or rh < ll:
+            return PointResult("differ", lhs=L, rhs=R, dps=P)
+        span, min_mag = _span_digits(el, er)
+        need = span + AGREE_DIGITS + 10
+        if P < need:
+            if need > max_dps:
+                if P < max_dps:  # agreement is out of reach, a disagreement may still show
+                    P = max_dps
+                    continue
+                return PointResult("undecided", f"magnitudes too far apart to resolve with {max_dps} digits",
+                                   dps=P)
+            P = need
+            continue
+        width = max(lh - rl, rh - ll)
+        if width == 0 or min_mag is None:
+            if width == 0:
+                return PointResult("agree", lhs=L, rhs=R, dps=P)
+            tol = mpmath.mpf(10) ** (-AGREE_DIGITS)
+        else:
+            tol = mpmath.mpf(2) ** min_mag * mpmath.mpf(10) ** (-AGREE_DIGITS)
+        if width <= tol:
+            return PointResult("agree", lhs=L, rhs=R, dps=P)
+        extra = int(mpmath.log10(width / tol)) + 10
+        if P >= max_dps or extra < 1:
+            return PointResult("undecided", "the enclosures stay too wide", dps=P)
+        P = min(max_dps, P + extra)
 
 
 # ------------------------------------------------------------------------------------------
@@ -332,6 +582,62 @@ STRATEGIES = {
 }
 
 
+class TooManyCases(Exception):
+    """A case split would have more cases than MAX_CASES."""
+
+
+#: the most cases one strategy splits a step into (finite labels times signs)
+MAX_CASES = 4096
+#: numeric confirmation is refused when more than this fraction of the points is dropped
+MAX_DROPPED_FRACTION = 0.2
+#: the most extra points placed at and around where()/abs thresholds
+MAX_THRESHOLD_POINTS = 40
+
+
+#: integer powers above this are never expanded into polynomials
+HUGE_POWER = 1000
+
+
+def _huge_powers(expr) -> bool:
+    return any(a.exp.is_Integer and abs(a.exp) > HUGE_POWER for a in expr.atoms(sp.Pow))
+
+
+def _fail_reason(exc) -> tuple[str, str]:
+    """(method, detail) of an unproved verdict for an exception a step ran into."""
+    if isinstance(exc, MemoryError):
+        return "memory limit", "MemoryError: the expression or the case split is too large for memory"
+    if isinstance(exc, RecursionError):
+        return "too large", "RecursionError: the expression is too deeply nested"
+    if isinstance(exc, OverflowError):
+        return "overflow", f"OverflowError: {exc}"[:200]
+    return "internal error", f"{type(exc).__name__}: {exc}"[:200]
+
+
+def _non_finite(expr) -> bool:
+    return isinstance(expr, sp.Basic) and (expr.has(sp.nan, sp.zoo, sp.oo, sp.S.NegativeInfinity))
+
+
+@dataclass
+class Scan:
+    """Outcome of comparing two sides at a list of points."""
+
+    agree: int = 0
+    cex: dict | None = None
+    dropped: dict = field(default_factory=dict)  # reason -> count
+    total: int = 0
+    dps: int = DPS  # the precision at which the counterexample was found
+
+    @property
+    def n_dropped(self):
+        return sum(self.dropped.values())
+
+    def describe_drops(self):
+        if not self.dropped:
+            return ""
+        parts = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items(), key=lambda kv: (-kv[1], kv[0])))
+        return f"{self.n_dropped} of {self.total} sample points dropped ({parts})"
+
+
 class Prover:
     """Checks steps for one derivation context."""
 
@@ -345,39 +651,135 @@ class Prover:
         self.resolver = Resolver(ctx)
         self.instances = instances or {}
         self.instance_symbols = instance_symbols or {}
-        self._points = None
+        self._points: dict = {}
         self.proved_domains: set = set()  # defined symbols whose declared domain is proved
 
-    # -- domains of the base symbols -------------------------------------------------------
+    # -- domains ---------------------------------------------------------------------------
     def base_domain(self, s) -> Domain:
         return self.ctx.domains.get(s) or Domain.parse("real")
 
+    def domain_of(self, s):
+        """The domain a proof may assume for ``s``: a base symbol's declared domain (the
+        file's assumption), a defined symbol's declared domain only once it is proved (the
+        ``domain`` checks); None otherwise.  Every assumption, case split and substitution
+        of the strategies goes through here."""
+        dom = self.ctx.domains.get(s)
+        if dom is None:
+            return None
+        if s in self.ctx.definitions and s not in self.proved_domains:
+            return None
+        return dom
+
+    # -- sample points ---------------------------------------------------------------------
+    def _build_points(self, count):
+        rng = random.Random(self.seed)
+        bases = sorted(self.ctx.base_symbols, key=lambda s: s.name)
+        samples = {s: self.base_domain(s).samples(rng, count) for s in bases}
+        finite = [s for s in bases if self.base_domain(s).is_finite]
+        sizes = [len(self.base_domain(s).values) for s in finite]
+        total = math.prod(sizes) if sizes else 1
+        pts = []
+        for k in range(count):
+            pt = {}
+            for j, s in enumerate(bases):
+                if s in finite:
+                    continue
+                vals = samples[s]
+                # decorrelate simple values across symbols while keeping them simple
+                pt[s] = vals[(k + 3 * j) % len(vals)] if k < len(vals) else vals[k]
+            # the (k mod total)-th combination of the finite values, in itertools.product
+            # order, decoded without ever listing the product (60^6 combinations are fine)
+            i = k % total
+            for s, n in zip(reversed(finite), reversed(sizes)):
+                pt[s] = self.base_domain(s).values[i % n]
+                i //= n
+            pts.append(pt)
+        return pts, bases, finite
+
+    def _scale_points(self, base_pts, bases, finite):
+        """Points at every scale the domains allow (tiny, huge, both signs, a hair inside
+        the bounds): all continuous symbols scaled together, and one at a time."""
+        conts = [s for s in bases if s not in finite]
+        scales = {s: self.base_domain(s).scale_samples() for s in conts}
+        n = max((len(v) for v in scales.values()), default=0)
+        out = []
+        for i in range(n):
+            pt = dict(base_pts[i % len(base_pts)])
+            for j, s in enumerate(conts):
+                sc = scales[s]
+                if sc:
+                    pt[s] = sc[(i + j) % len(sc)]
+            out.append(pt)
+            s = conts[i % len(conts)]
+            if scales[s] and len(conts) > 1:
+                pt2 = dict(base_pts[(i + 1) % len(base_pts)])
+                pt2[s] = scales[s][i % len(scales[s])]
+                out.append(pt2)
+        return out
+
     def points(self, count):
-        """Sample points over the base symbols (fixed seed: the report names it)."""
-        if self._points is None or len(self._points) < count:
-            rng = random.Random(self.seed)
-            bases = sorted(self.ctx.base_symbols, key=lambda s: s.name)
-            samples = {s: self.base_domain(s).samples(rng, count) for s in bases}
-            finite = [s for s in bases if self.base_domain(s).is_finite]
-            combos = list(itertools.product(*[self.base_domain(s).values for s in finite])) or [()]
-            pts = []
-            for k in range(count):
-                pt = {}
-                for j, s in enumerate(bases):
-                    if s in finite:
+        """Sample points over the base symbols (fixed seed: the report names it).
+
+        Up to SCREEN_POINTS, the screening points (always the same ones); beyond, the
+        confirmation points, which add points at every scale of the domains."""
+        key = SCREEN_POINTS if count <= SCREEN_POINTS else count
+        if key not in self._points:
+            pts, bases, finite = self._build_points(key)
+            if key > SCREEN_POINTS and pts:
+                pts = pts + self._scale_points(pts, bases, finite)
+            self._points[key] = pts
+        pts = self._points[key]
+        return pts[:count] if count <= SCREEN_POINTS else pts
+
+    def threshold_points(self, exprs, base_pts):
+        """Points at and around the thresholds of where() conditions and abs() arguments that
+        are linear in a continuous base symbol (x > 10: x = 10, 10 +- 1e-9, 10 +- 1/2,
+        10 +- (1 + |10|)), the other symbols taken from the first base points."""
+        rels = []
+        for expr in exprs:
+            for node in sp.preorder_traversal(expr):
+                if isinstance(node, sp.Piecewise):
+                    for _, cond in node.args:
+                        if isinstance(cond, sp.Basic):
+                            rels.extend(c for c in sp.preorder_traversal(cond)
+                                        if isinstance(c, sp.core.relational.Relational))
+                elif isinstance(node, sp.Abs):
+                    rels.append(node.args[0])
+        out, seen = [], set()
+        for rel in sorted(set(rels), key=sp.default_sort_key):
+            d = rel.lhs - rel.rhs if isinstance(rel, sp.core.relational.Relational) else rel
+            for s in sorted(d.free_symbols, key=lambda s: s.name):
+                dom = self.ctx.domains.get(s)
+                if s in self.ctx.definitions or (dom is not None and dom.is_finite):
+                    continue
+                dom = dom or Domain.parse("real")
+                try:
+                    poly = sp.Poly(d, s)
+                except (sp.PolynomialError, sp.GeneratorsNeeded, Exception):
+                    continue
+                if poly.degree() != 1:
+                    continue
+                a, b = poly.all_coeffs()
+                for base in base_pts[:2]:
+                    av, bv = a.xreplace(base), b.xreplace(base)
+                    if not (av.is_Rational and bv.is_Rational) or av == 0:
                         continue
-                    vals = samples[s]
-                    # decorrelate simple values across symbols while keeping them simple
-                    pt[s] = vals[(k + 3 * j) % len(vals)] if k < len(vals) else vals[k]
-                for s, v in zip(finite, combos[k % len(combos)]):
-                    pt[s] = v
-                pts.append(pt)
-            self._points = pts
-        return self._points[:count]
+                    c = -bv / av
+                    for delta in (0, sp.Rational(1, 10**9), -sp.Rational(1, 10**9), sp.Rational(1, 2),
+                                  -sp.Rational(1, 2), 1 + abs(c), -1 - abs(c)):
+                        v = c + delta
+                        if (s, v, id(base)) in seen or not dom.contains(v):
+                            continue
+                        seen.add((s, v, id(base)))
+                        pt = dict(base)
+                        pt[s] = v
+                        out.append(pt)
+                        if len(out) >= MAX_THRESHOLD_POINTS:
+                            return out
+        return out
 
     def instance_points(self, name, count):
         rng = random.Random(f"{self.seed}:{name}")
-        values = self.instances[name]
         extra = self.instance_symbols.get(name, {})
         out = []
         for pt in self.points(count):
@@ -388,46 +790,67 @@ class Prover:
         return out
 
     # -- numeric -----------------------------------------------------------------------------
+    def numeric_scan(self, lhs_full, rhs_full, points, dps=DPS) -> Scan:
+        """Compare both sides at each point with interval arithmetic (:func:`compare_at`):
+        a counterexample is certain (disjoint enclosures, shown again at twice the
+        precision); points where a side has no real value or the precision cap is reached
+        are dropped and counted by reason."""
+        scan = Scan()
+        pl, pr = _prepare_numeric(lhs_full), _prepare_numeric(rhs_full)
+        used = lhs_full.free_symbols | rhs_full.free_symbols
+        for pt in points:
+            scan.total += 1
+            try:
+                res = compare_at(pl, pr, pt, dps)
+                if res.kind == "differ":
+                    scan.dps = res.dps
+                    P2 = min(MAX_DPS * 2, 2 * res.dps)
+                    res2 = compare_at(pl, pr, pt, P2, max_dps=P2)
+                    if res2.kind == "differ":
+                        res = res2
+                    a, b = _show_pair(res.lhs, res.rhs, res.dps)
+                    scan.cex = {
+                        "point": {s.name: str(v) for s, v in sorted(pt.items(), key=lambda kv: kv[0].name)
+                                  if s in used},
+                        "lhs": a,
+                        "rhs": b,
+                    }
+                    return scan
+            except (MemoryError, RecursionError) as exc:
+                res = PointResult("undecided", f"{type(exc).__name__} in the evaluator")
+            if res.kind == "agree":
+                scan.agree += 1
+            else:
+                why = res.reason if res.kind == "invalid" else f"undecided: {res.reason}"
+                scan.dropped[why] = scan.dropped.get(why, 0) + 1
+        return scan
+
     def numeric_compare(self, lhs_full, rhs_full, points, dps=DPS):
-        """Return (agreements, counterexample or None, points skipped)."""
-        with mpmath.workdps(dps):
-            pl, pr = _prepare_numeric(lhs_full), _prepare_numeric(rhs_full)
-            agree, skipped = 0, 0
-            for pt in points:
-                a, b = _eval(pl, pt), _eval(pr, pt)
-                if a is None or b is None:
-                    skipped += 1
-                    continue
-                if _differs(a, b, dps):
-                    with mpmath.workdps(2 * dps):  # a disagreement must survive more digits
-                        a2, b2 = _eval(pl, pt), _eval(pr, pt)
-                        if a2 is not None and b2 is not None and _differs(a2, b2, 2 * dps):
-                            used = lhs_full.free_symbols | rhs_full.free_symbols
-                            return agree, {
-                                "point": {s.name: str(v) for s, v in sorted(pt.items(), key=lambda kv: kv[0].name)
-                                          if s in used},
-                                "lhs": mpmath.nstr(a2, 12),
-                                "rhs": mpmath.nstr(b2, 12),
-                            }, skipped
-                agree += 1
-            return agree, None, skipped
+        """Return (agreements, counterexample or None, points dropped)."""
+        scan = self.numeric_scan(lhs_full, rhs_full, points, dps)
+        return scan.agree, scan.cex, scan.n_dropped
 
     # -- symbolic ----------------------------------------------------------------------------
     def _case_values(self, syms, expr=None):
         """Every combination of the finite label values, times the sign cases of ``expr``:
         each real symbol inside an ``abs`` or a ``where`` condition is taken as +s', -s'
-        (s' > 0) and 0, which covers the reals, so that abs and where resolve in each case."""
-        finite = sorted((s for s in syms if s in self.ctx.domains and self.ctx.domains[s].is_finite),
+        (s' > 0) and 0, which covers the reals, so that abs and where resolve in each case.
+
+        A generator (cases are made one at a time); raises TooManyCases beyond MAX_CASES."""
+        finite = sorted((s for s in syms if (d := self.domain_of(s)) is not None and d.is_finite),
                         key=lambda s: s.name)
-        cases = [dict(zip(finite, vals)) for vals in itertools.product(*[self.ctx.domains[s].values for s in finite])]
         signed = self._sign_symbols(expr) if expr is not None else []
-        if not signed:
-            return cases
+        n = math.prod(len(self.domain_of(s).values) for s in finite) * 3 ** len(signed)
+        if n > MAX_CASES:
+            raise TooManyCases(f"{n} cases")
         signs = []
         for s in signed:
             pos = sp.Symbol(f"{s.name}__pos", positive=True)
             signs.append((pos, -pos, sp.S.Zero))
-        return [{**case, **dict(zip(signed, vals))} for case in cases for vals in itertools.product(*signs)]
+        for vals in itertools.product(*[self.domain_of(s).values for s in finite]):
+            case = dict(zip(finite, vals))
+            for svals in itertools.product(*signs):
+                yield {**case, **dict(zip(signed, svals))}
 
     def _sign_symbols(self, expr, limit=3):
         """Real symbols of unbounded domain under abs or in a where condition (at most ``limit``)."""
@@ -441,18 +864,18 @@ class Prover:
                         found |= getattr(cond, "free_symbols", set())
         out = []
         for s in sorted(found, key=lambda s: s.name):
-            dom = self.ctx.domains.get(s)
+            dom = self.domain_of(s)
             if s.is_real and (dom is None or (not dom.is_finite and dom.lo is None and dom.hi is None)):
                 out.append(s)
         return out if len(out) <= limit else []
 
     def _param_subs(self, syms, atoms_ok=True):
         subs = {}
-        for s in syms:
-            dom = self.ctx.domains.get(s)
-            if dom is None or dom.is_finite:
+        for s in sorted(syms, key=lambda s: getattr(s, "name", str(s))):
+            if s in self.ctx.definitions and not atoms_ok:
                 continue
-            if s in self.ctx.definitions and (not atoms_ok or s not in self.proved_domains):
+            dom = self.domain_of(s)
+            if dom is None or dom.is_finite:
                 continue
             if dom.lo is None and dom.hi is None:
                 continue
@@ -462,6 +885,12 @@ class Prover:
 
     def _strategies(self, d_atoms, d_full):
         def algebra():
+            if _huge_powers(d_atoms):
+                # (x^4 + 2x^2 + 1)^(5e49): never expanded; with its base factored the power
+                # combines with (x^2 + 1)^(1e50) structurally
+                e = d_atoms.replace(lambda a: a.is_Pow and a.exp.is_Integer and abs(a.exp) > HUGE_POWER,
+                                    lambda a: sp.Pow(_positive_base(a.base), a.exp))
+                return e == 0
             return _is_zero(sp.expand(d_atoms)) or _is_zero(d_atoms)
 
         def atoms():
@@ -504,8 +933,20 @@ class Prover:
         return lim
 
     def check(self, lhs, rhs) -> Verdict:
-        """Decide lhs == rhs on the context's domains."""
+        """Decide lhs == rhs on the context's domains.  Never raises for a step: whatever
+        the step runs into (memory, recursion, overflow, a library failure) becomes an
+        unproved verdict that says so."""
         t0 = time.monotonic()
+        try:
+            return self._check(lhs, rhs, t0)
+        except StrategyTimeout:
+            return Verdict(UNPROVED, "time limit", seconds=time.monotonic() - t0,
+                           detail="the step ran past the time limit")
+        except Exception as exc:
+            method, detail = _fail_reason(exc)
+            return Verdict(UNPROVED, method, seconds=time.monotonic() - t0, detail=detail)
+
+    def _check(self, lhs, rhs, t0) -> Verdict:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return Verdict(UNPROVED, "time limit", seconds=0.0, detail="the run's --timeout was reached")
         try:
@@ -521,16 +962,22 @@ class Prover:
         except Exception as exc:  # a SymPy failure on odd input must not crash the run
             return Verdict(UNPROVED, "cannot differentiate", seconds=time.monotonic() - t0,
                            detail=f"{type(exc).__name__}: {exc}"[:200])
+        if _non_finite(Lf) or _non_finite(Rf):
+            return Verdict(UNPROVED, "not a finite expression", seconds=time.monotonic() - t0,
+                           detail="a side contains nan, zoo or oo (a division by zero or log(0) in a constant)")
+        thresholds = None
         # 1. counterexample search
+        scan = None
         try:
             with time_limit(self._limit(floor=2.0)):
-                _, cex, _ = self.numeric_compare(Lf, Rf, self.points(SCREEN_POINTS))
+                thresholds = self.threshold_points((Lf, Rf), self.points(SCREEN_POINTS))
+                scan = self.numeric_scan(Lf, Rf, self.points(SCREEN_POINTS) + thresholds)
         except StrategyTimeout:
-            cex = None
-        except (RecursionError, MemoryError):
-            cex = None
-        if cex is not None:
-            return Verdict(REFUTED, f"counterexample (mpmath, {DPS} and {2 * DPS} digits)", cex,
+            scan = None
+        except (RecursionError, MemoryError, OverflowError):
+            scan = None
+        if scan is not None and scan.cex is not None:
+            return Verdict(REFUTED, f"counterexample (mpmath, {scan.dps} and {2 * scan.dps} digits)", scan.cex,
                            time.monotonic() - t0)
         # 2. symbolic strategies
         tried = []
@@ -545,7 +992,13 @@ class Prover:
             except StrategyTimeout:
                 tried.append(f"{name}: time limit")
                 continue
-            except (RecursionError, MemoryError):
+            except TooManyCases as exc:
+                tried.append(f"{name}: too many cases ({exc})")
+                continue
+            except MemoryError:
+                tried.append(f"{name}: memory limit")
+                continue
+            except RecursionError:
                 tried.append(f"{name}: too large")
                 continue
             except Exception as exc:  # SymPy raises many kinds; a failed strategy is not a crash
@@ -555,34 +1008,55 @@ class Prover:
                 return Verdict(PROVED, name, seconds=time.monotonic() - t0, tried=tried)
             tried.append(f"{name}: no")
         # 3. numeric confirmation (weaker evidence)
-        return self._confirm(Lf, Rf, t0, tried)
+        return self._confirm(Lf, Rf, t0, tried, thresholds or [])
 
-    def _confirm(self, Lf, Rf, t0, tried):
+    def _confirm(self, Lf, Rf, t0, tried, thresholds):
+        notes = []
         try:
             with time_limit(self._limit(floor=2.0)):
-                agree, cex, skipped = self.numeric_compare(Lf, Rf, self.points(CONFIRM_POINTS))
-                notes = [f"{agree} points"]
+                scan = self.numeric_scan(Lf, Rf, self.points(CONFIRM_POINTS) + thresholds)
+                notes.append(f"{scan.agree} points")
+                cex = scan.cex
                 for name in sorted(self.instances):
-                    a2, cex2, _ = self.numeric_compare(
-                        Lf.xreplace(self.instances[name]), Rf.xreplace(self.instances[name]),
-                        self.instance_points(name, 20))
-                    cex = cex or cex2
-                    notes.append(f"{name}: {a2} points")
+                    if cex is not None:
+                        break
+                    s2 = self.numeric_scan(Lf.xreplace(self.instances[name]), Rf.xreplace(self.instances[name]),
+                                           self.instance_points(name, 20))
+                    cex = s2.cex
+                    if cex is not None:
+                        scan = s2
+                    notes.append(f"{name}: {s2.agree} points")
+                    scan.dropped = dict(scan.dropped)
+                    for why, n in s2.dropped.items():
+                        scan.dropped[why] = scan.dropped.get(why, 0) + n
+                    if s2 is not scan:
+                        scan.total += s2.total
+                        scan.agree += s2.agree
         except StrategyTimeout:
             return Verdict(UNPROVED, "time limit", seconds=time.monotonic() - t0, tried=tried,
                            detail="; ".join(tried))
+        except Exception as exc:  # memory, recursion, overflow: unproved, with the reason
+            method, detail = _fail_reason(exc)
+            return Verdict(UNPROVED, method, seconds=time.monotonic() - t0, tried=tried,
+                           detail=f"numeric confirmation: {detail}; " + "; ".join(tried))
         if cex is not None:
-            return Verdict(REFUTED, f"counterexample (mpmath, {DPS} and {2 * DPS} digits)", cex,
+            return Verdict(REFUTED, f"counterexample (mpmath, {scan.dps} and {2 * scan.dps} digits)", cex,
                            time.monotonic() - t0, tried=tried)
+        drops = scan.describe_drops()
         if any(t.endswith("time limit") for t in tried):
             return Verdict(UNPROVED, "time limit", seconds=time.monotonic() - t0, tried=tried,
                            detail="symbolic strategies ran out of time; numerically "
-                                  + ", ".join(notes) + " agree")
-        if agree == 0:
+                                  + ", ".join(notes) + " agree" + (f"; {drops}" if drops else ""))
+        if scan.agree == 0:
             return Verdict(UNPROVED, "no valid sample point", seconds=time.monotonic() - t0, tried=tried,
-                           detail="; ".join(tried))
-        return Verdict(CONFIRMED, f"mpmath at {DPS} digits, seed {self.seed}: " + ", ".join(notes),
-                       seconds=time.monotonic() - t0, tried=tried, detail="; ".join(tried))
+                           detail="; ".join([drops] + tried if drops else tried))
+        if scan.n_dropped > MAX_DROPPED_FRACTION * scan.total:
+            return Verdict(UNPROVED, "numeric check inconclusive", seconds=time.monotonic() - t0, tried=tried,
+                           detail=f"{drops}: too many to confirm; " + "; ".join(tried))
+        method = f"mpmath at {DPS} digits, seed {self.seed}: " + ", ".join(notes)
+        if drops:
+            method += f" ({drops})"
+        return Verdict(CONFIRMED, method, seconds=time.monotonic() - t0, tried=tried, detail="; ".join(tried))
 
     # -- domains of definitions ------------------------------------------------------------
     def check_domain(self, sym) -> Verdict:
@@ -592,69 +1066,151 @@ class Prover:
             return self._check_domain(sym, t0)
         except StrategyTimeout:
             return Verdict(UNPROVED, "time limit", seconds=time.monotonic() - t0)
+        except Exception as exc:
+            method, detail = _fail_reason(exc)
+            return Verdict(UNPROVED, method, seconds=time.monotonic() - t0, detail=detail)
 
-    def _outside(self, expr, dom, v, pt, t0):
+    def _domain_point(self, prep, expr, dom, pt):
+        """("inside" | "outside" | "invalid" | "undecided", value text) for one point; an
+        outside value is certain: an interval enclosure wholly outside the domain (compared
+        exactly), or the exact rational value."""
+        P = DPS
+        while True:
+            try:
+                V, _ = _ieval(prep, pt, P)
+            except _Invalid as exc:
+                return "invalid", str(exc)
+            except _Undecided as exc:
+                if P >= MAX_DPS // 4:
+                    break
+                P *= 2
+                continue
+            lo, hi = _ends(V)
+            where = dom.locate(lo, hi)
+            if where is True:
+                return "inside", ""
+            if where is False:
+                with mpmath.workdps(P + 10):
+                    m = _mid(V)
+                    n = 12
+                    while True:  # print enough digits that the printed value is outside too
+                        text = mpmath.nstr(m, n)
+                        try:
+                            if not dom.contains(sp.Rational(text)) or n >= P:
+                                return "outside", text
+                        except (ValueError, TypeError):
+                            return "outside", text
+                        n = min(P, 2 * n)
+            if P >= 200:
+                break
+            P *= 2
+        try:  # on a closed bound (1/3 in (0, 1/3]) or at a finite value: the exact value
+            v = expr.xreplace({s: sp.Rational(x) for s, x in pt.items()})
+            if v.is_Rational:
+                return ("inside", "") if dom.contains(v) else ("outside", str(v))
+        except Exception:
+            pass
+        return "undecided", "the enclosure straddles a bound"
+
+    def _outside(self, expr, dom, text, pt, t0):
         return Verdict(REFUTED, "value outside the declared domain", {
             "point": {s.name: str(pt[s]) for s in sorted(expr.free_symbols, key=lambda s: s.name)},
-            "lhs": mpmath.nstr(v, 12), "rhs": dom.pretty()}, time.monotonic() - t0)
+            "lhs": text, "rhs": dom.pretty()}, time.monotonic() - t0)
 
     def _check_domain(self, sym, t0) -> Verdict:
         dom = self.ctx.domains[sym]
         expr = self.ctx.expand(self.ctx.definitions[sym])
-        # numeric first: a value outside the domain refutes the declaration
-        with time_limit(self._limit(floor=2.0)), mpmath.workdps(DPS):
+        if _non_finite(expr):
+            return Verdict(UNPROVED, "not a finite expression", seconds=time.monotonic() - t0,
+                           detail="the definition contains nan, zoo or oo")
+        # numeric first: a value certainly outside the domain refutes the declaration
+        with time_limit(self._limit(floor=2.0)):
             prep = _prepare_numeric(expr)
-            for pt in self.points(SCREEN_POINTS):
-                v = _eval(prep, pt)
-                if v is not None and not dom.contains(v):
-                    return self._outside(expr, dom, v, pt, t0)
-        if dom.is_finite:
-            return Verdict(UNPROVED, "finite domains of definitions are not proved", seconds=time.monotonic() - t0)
+            base = self.points(SCREEN_POINTS)
+            for pt in base + self.threshold_points([expr], base):
+                where, text = self._domain_point(prep, expr, dom, pt)
+                if where == "outside":
+                    return self._outside(expr, dom, text, pt, t0)
+        proved = True
+        try:
+            with time_limit(self._limit()):
+                if dom.is_finite:
+                    proved = self._prove_finite_domain(expr, dom)
+                else:
+                    proved = self._prove_interval_domain(expr, dom)
+        except StrategyTimeout:
+            proved = False
+        except Exception:  # SymPy failure, too many cases: fall back to numeric evidence
+            proved = False
+        if not proved:
+            return self._domain_confirm(sym, expr, dom, t0)
+        self.proved_domains.add(sym)
+        method = ("case split + each case (each branch) one of the values" if dom.is_finite
+                  else "case split + exp(x)->t>0 + sign of factored form")
+        return Verdict(PROVED, method, seconds=time.monotonic() - t0)
+
+    def _prove_finite_domain(self, expr, dom):
+        def member(e):
+            if isinstance(e, sp.Piecewise):  # a where() takes one of its branch values
+                return all(member(v) for v, _ in e.args)
+            e = rewrite_elementary(e)
+            return any(_is_zero(e - v) for v in dom.values)
+
+        for case in self._case_values(expr.free_symbols, expr):
+            if not member(expr.xreplace(case)):
+                return False
+        return True
+
+    def _prove_interval_domain(self, expr, dom):
         conds = []
         if dom.lo is not None:
             conds.append((expr - dom.lo, dom.lo_open))
         if dom.hi is not None:
             conds.append((dom.hi - expr, dom.hi_open))
-        proved = True
-        try:
-            with time_limit(self._limit()):
-                for case in self._case_values(expr.free_symbols):
-                    for c, strict in conds:
-                        e = rewrite_elementary(c.xreplace(case))
-                        e = e.xreplace(self._param_subs(e.free_symbols, atoms_ok=False))
-                        reals = [s for s in e.free_symbols if not isinstance(s, sp.Dummy) and s.is_real]
-                        e, _ = _exp_to_rational(e, reals)
-                        # w > 0 (or >= 0) inside exp: e^w = 1 + v with v > 0 (>= 0) makes the sign visible
-                        e = e.xreplace({w: sp.log(1 + sp.Dummy(w.name, positive=w.is_positive,
-                                                                nonnegative=True))
-                                        for w in e.free_symbols if isinstance(w, sp.Dummy) and w.is_nonnegative
-                                        and any(w in a.free_symbols for a in e.atoms(sp.exp))})
-                        e = sp.factor(sp.cancel(sp.together(e)))
-                        if not (e.is_positive if strict else e.is_nonnegative):
-                            proved = False
-        except StrategyTimeout:
-            proved = False
-        except Exception:  # SymPy failure: fall back to numeric evidence
-            proved = False
-        if not proved:
-            return self._domain_confirm(sym, expr, dom, t0)
-        self.proved_domains.add(sym)
-        return Verdict(PROVED, "case split + exp(x)->t>0 + sign of factored form", seconds=time.monotonic() - t0)
+        for case in self._case_values(expr.free_symbols):
+            for c, strict in conds:
+                e = rewrite_elementary(c.xreplace(case))
+                e = e.xreplace(self._param_subs(e.free_symbols, atoms_ok=False))
+                reals = [s for s in e.free_symbols if not isinstance(s, sp.Dummy) and s.is_real]
+                e, _ = _exp_to_rational(e, reals)
+                # w > 0 (or >= 0) inside exp: e^w = 1 + v with v > 0 (>= 0) makes the sign visible
+                e = e.xreplace({w: sp.log(1 + sp.Dummy(w.name, positive=w.is_positive,
+                                                        nonnegative=True))
+                                for w in e.free_symbols if isinstance(w, sp.Dummy) and w.is_nonnegative
+                                and any(w in a.free_symbols for a in e.atoms(sp.exp))})
+                e = sp.factor(sp.cancel(sp.together(e)))
+                if not (e.is_positive if strict else e.is_nonnegative):
+                    return False
+        return True
 
     def _domain_confirm(self, sym, expr, dom, t0):
         try:
             return self._domain_confirm_points(sym, expr, dom, t0)
         except StrategyTimeout:
             return Verdict(UNPROVED, "time limit", seconds=time.monotonic() - t0)
+        except Exception as exc:
+            method, detail = _fail_reason(exc)
+            return Verdict(UNPROVED, method, seconds=time.monotonic() - t0, detail=detail)
 
     def _domain_confirm_points(self, sym, expr, dom, t0):
-        with time_limit(self._limit(floor=2.0)), mpmath.workdps(DPS):
+        with time_limit(self._limit(floor=2.0)):
             prep = _prepare_numeric(expr)
-            n = 0
-            for pt in self.points(CONFIRM_POINTS):
-                v = _eval(prep, pt)
-                if v is not None:
-                    if not dom.contains(v):
-                        return self._outside(expr, dom, v, pt, t0)
+            pts = self.points(CONFIRM_POINTS)
+            pts = pts + self.threshold_points([expr], pts)
+            n, dropped = 0, {}
+            for pt in pts:
+                where, text = self._domain_point(prep, expr, dom, pt)
+                if where == "outside":
+                    return self._outside(expr, dom, text, pt, t0)
+                if where == "inside":
                     n += 1
-        return Verdict(CONFIRMED, f"{n} sample points inside the domain", seconds=time.monotonic() - t0)
+                else:
+                    dropped[text] = dropped.get(text, 0) + 1
+        nd = sum(dropped.values())
+        drops = (f"{nd} of {len(pts)} sample points dropped ("
+                 + ", ".join(f"{c} {why}" for why, c in sorted(dropped.items())) + ")") if nd else ""
+        if n == 0 or nd > MAX_DROPPED_FRACTION * len(pts):
+            return Verdict(UNPROVED, "numeric check inconclusive", seconds=time.monotonic() - t0,
+                           detail=drops or "no valid sample point")
+        return Verdict(CONFIRMED, f"{n} sample points inside the domain" + (f" ({drops})" if drops else ""),
+                       seconds=time.monotonic() - t0)
