@@ -143,10 +143,10 @@ def check_name(name: str) -> None:
     """Raise ParseError unless ``name`` may be declared as a symbol or definition."""
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ParseError(
-            f"invalid name {name!r}: names start with a letter and use letters, digits and '_'"
+            f"invalid name {_short(str(name))!r}: names start with a letter and use letters, digits and '_'"
         )
     if name in RESERVED:
-        raise ParseError(f"name {name!r} is reserved (a function or constant)")
+        raise ParseError(f"name {_short(name)!r} is reserved (a function or constant)")
 
 
 class _Parser:
@@ -633,7 +633,8 @@ def parse_expression(text: str, names: Mapping[str, sp.Basic]) -> sp.Basic:
         # a backstop: SymPy failed while building a tree the checks above let through
         raise ParseError(f"SymPy cannot build this expression ({type(exc).__name__}: "
                          f"{_short(str(exc), 80)})", text) from None
-    bad = [u for u in _UNDEFINED if expr.has(u)]
+    atoms = {expr} if expr.is_Atom else expr.atoms()
+    bad = [u for u in _UNDEFINED if u in atoms]
     if bad:  # a backstop: the checks above refuse these where they arise
         raise ParseError(f"the expression is undefined or complex as written (it contains {bad[0]})", text)
     return expr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import sympy as sp
 
-from .loader import DerivationFile, load_file
+from .loader import DerivationFile, TextSource, load_file, load_text
 from .prover import CONFIRMED, DEFAULT_SEED, PROVED, REFUTED, UNPROVED, Prover, Verdict
 
 OK, ERRATUM, FAIL = "ok", "erratum", "fail"
@@ -38,10 +38,12 @@ class Check:
     status: str = OK
     message: str = ""
     instances: dict = field(default_factory=dict)
+    path: str = ""  # the file as given (``file`` is its base name); "<stdin>" for standard input
+    file_no: int = 0  # index of the file in Report.files: two files of the same name stay apart
 
     def to_json(self):
         out = {
-            "file": self.file,
+            "file": self.path or self.file,
             "derivation": self.derivation,
             "chain": self.chain,
             "kind": self.kind,
@@ -76,11 +78,13 @@ class ErratumRecord:
     corrected_checks: list = field(default_factory=list)
     status: str = OK
     message: str = ""
+    path: str = ""  # the file as given
+    file_no: int = 0
 
 
 @dataclass
 class Report:
-    files: list = field(default_factory=list)  # (path, title)
+    files: list = field(default_factory=list)  # (path as given, title), in the order verified
     checks: list = field(default_factory=list)
     errata: list = field(default_factory=list)
     errors: list = field(default_factory=list)  # malformed files: (path, message)
@@ -110,13 +114,61 @@ def _tex(expr, ctx):
         return str(expr)
 
 
+def _used_domains(deriv):
+    """The defined symbols with a declared domain that the derivation's lines use (transitively)."""
+    ctx = deriv.context
+    used = set()
+    for chain in deriv.chains:
+        for line in chain.lines:
+            exprs = [line.expr] + ([line.erratum.corrected] if line.erratum else [])
+            for e in exprs:
+                used |= e.free_symbols
+    frontier = list(used)
+    while frontier:
+        s = frontier.pop()
+        for t in ctx.definitions.get(s, sp.S.Zero).free_symbols:
+            if t not in used:
+                used.add(t)
+                frontier.append(t)
+    return [sym for sym in ctx.definitions if sym in used and sym in ctx.domains]
+
+
+def count_checks(df: DerivationFile) -> int:
+    """How many checks verifying ``df`` makes (what a progress line counts to)."""
+    total = 0
+    for deriv in df.derivations:
+        total += len(_used_domains(deriv))
+        for chain in deriv.chains:
+            n = len(chain.lines)
+            total += (n - 1) + (n >= 3)
+            marked = {l.index for l in chain.lines if l.erratum}
+            if marked:
+                total += sum(1 for k in range(1, n) if (k - 1) in marked or k in marked) + (n >= 3)
+    return total
+
+
 class Verifier:
-    def __init__(self, seed=DEFAULT_SEED, step_timeout=4.0, timeout=None, allow_numeric=False, strategies=None):
+    def __init__(self, seed=DEFAULT_SEED, step_timeout=4.0, timeout=None, allow_numeric=False, strategies=None,
+                 progress=None):
         self.strategies = strategies
         self.seed = seed
         self.step_timeout = step_timeout
         self.deadline = time.monotonic() + timeout if timeout else None
         self.allow_numeric = allow_numeric
+        self.progress = progress  # see verify_paths
+        self.done = 0
+        self.total = 0
+
+    def _tick(self, path, deriv):
+        self.done += 1
+        if self.progress is None:
+            return
+        from .loader import safe_text
+
+        try:
+            self.progress(safe_text(path), safe_text(deriv.id), self.done, max(self.total, self.done))
+        except Exception:  # a broken progress display (closed terminal) must not stop the checks
+            self.progress = None
 
     def status_of(self, verdict: Verdict) -> str:
         if verdict.status == PROVED:
@@ -125,44 +177,40 @@ class Verifier:
             return OK
         return FAIL
 
-    def verify_file(self, df: DerivationFile, report: Report):
-        report.files.append((str(df.path), df.title))
+    def verify_file(self, df: DerivationFile, report: Report, name=None):
+        """Verify ``df`` into ``report``; ``name``: the file as given (default: df.path)."""
+        path = str(df.path) if name is None else str(name)
+        file_no = len(report.files)
+        report.files.append((path, df.title))
+        if self.total < self.done + 1:  # called directly, not through verify_paths
+            self.total = self.done + count_checks(df)
+        first, first_err = len(report.checks), len(report.errata)
+        n_err = first_err
         fname = df.path.name
-        n_err = len(report.errata)
         for deriv in df.derivations:
             prover = Prover(deriv.context, seed=self.seed, step_timeout=self.step_timeout,
                             deadline=self.deadline, instances=deriv.instances,
                             instance_symbols=deriv.instance_symbols, strategies=self.strategies)
-            self._domains(fname, deriv, prover, report)
+            self._domains(fname, deriv, prover, report, path)
             for chain in deriv.chains:
-                n_err = self._chain(fname, deriv, chain, prover, report, n_err)
+                n_err = self._chain(fname, deriv, chain, prover, report, n_err, path)
+        for c in report.checks[first:]:
+            c.path, c.file_no = path, file_no
+        for e in report.errata[first_err:]:
+            e.path, e.file_no = path, file_no
 
-    def _domains(self, fname, deriv, prover, report):
+    def _domains(self, fname, deriv, prover, report, path=""):
         ctx = deriv.context
-        used = set()
-        for chain in deriv.chains:
-            for line in chain.lines:
-                exprs = [line.expr] + ([line.erratum.corrected] if line.erratum else [])
-                for e in exprs:
-                    used |= e.free_symbols
-        # definitions used transitively
-        frontier = list(used)
-        while frontier:
-            s = frontier.pop()
-            for t in ctx.definitions.get(s, sp.S.Zero).free_symbols:
-                if t not in used:
-                    used.add(t)
-                    frontier.append(t)
-        for sym in ctx.definitions:
-            if sym in used and sym in ctx.domains:
-                v = prover.check_domain(sym)
-                report.checks.append(Check(
-                    fname, deriv.id, None, "domain", None, sym.name, ctx.domains[sym].pretty(),
-                    _tex(sym, ctx), ctx.domains[sym].pretty(), v,
-                    rule=f"{sym.name} = {ctx.definitions[sym]} lies in {ctx.domains[sym].pretty()}",
-                    status=self.status_of(v),
-                    message="" if v.status == PROVED else
-                    "declared domain not proved: proofs treat this symbol as an unconstrained real"))
+        for sym in _used_domains(deriv):
+            self._tick(path, deriv)
+            v = prover.check_domain(sym)
+            report.checks.append(Check(
+                fname, deriv.id, None, "domain", None, sym.name, ctx.domains[sym].pretty(),
+                _tex(sym, ctx), ctx.domains[sym].pretty(), v,
+                rule=f"{sym.name} = {ctx.definitions[sym]} lies in {ctx.domains[sym].pretty()}",
+                status=self.status_of(v),
+                message="" if v.status == PROVED else
+                "declared domain not proved: proofs treat this symbol as an unconstrained real"))
 
     def _instances(self, prover, lhs, rhs, check):
         """Numeric confirmation of a step for each concrete instance (e.g. K = 2, 3, 7 classes)."""
@@ -187,7 +235,7 @@ class Verifier:
         except StrategyTimeout:
             check.instances["time limit"] = "instances not all checked"
 
-    def _chain(self, fname, deriv, chain, prover, report, n_err):
+    def _chain(self, fname, deriv, chain, prover, report, n_err, path=""):
         ctx = deriv.context
         lines = chain.lines
         n = len(lines)
@@ -201,6 +249,7 @@ class Verifier:
         def run(kind, i, j, exprs):
             a, b = exprs[i], exprs[j]
             shown = fixed_texts if exprs is fixed else texts
+            self._tick(path, deriv)
             v = prover.check(a, b)
             rule = lines[j].rule if kind.endswith("step") else "the chain's first line equals its last"
             c = Check(fname, deriv.id, chain.id, kind, j if kind.endswith("step") else None,
@@ -272,21 +321,56 @@ class Verifier:
         return n_err
 
 
+def _source_name(src):
+    if isinstance(src, TextSource):
+        return src.name
+    if isinstance(src, tuple):
+        return src[0]
+    return src
+
+
 def verify_paths(paths, *, seed=DEFAULT_SEED, step_timeout=4.0, timeout=None, allow_numeric=False,
-                 strategies=None) -> Report:
+                 strategies=None, progress=None) -> Report:
+    """Load every source, then (when all load) verify them in order.
+
+    ``paths``: file paths, or derivations given as text: ``loader.TextSource(name, data)`` or a
+    ``(name, data)`` pair, ``data`` the bytes or text (e.g. standard input, name "<stdin>"),
+    under the same size limit as a file.  A file given twice (the same resolved path) is
+    verified once.  ``timeout`` bounds loading and verifying together.
+
+    ``progress``: called as ``progress(file, derivation_id, n, total)`` just before each check
+    starts, n = 1, 2, ... total, where ``total`` is the number of checks of the whole run (all
+    files); ``file`` is the path as given and both strings are already made safe to print
+    (loader.safe_text).  An exception from it turns the progress display off.
+    """
     from .loader import DerivationFileError
 
     t0 = time.monotonic()
     report = Report(seed=seed, allow_numeric=allow_numeric)
-    verifier = Verifier(seed, step_timeout, timeout, allow_numeric, strategies)
-    files = []
+    verifier = Verifier(seed, step_timeout, timeout, allow_numeric, strategies, progress=progress)
+    files, seen = [], set()
     for p in paths:
+        name = _source_name(p)
         try:
-            files.append(load_file(p))
+            if isinstance(p, (TextSource, tuple)):
+                data = p.data if isinstance(p, TextSource) else p[1]
+                df = load_text(data, name, deadline=verifier.deadline)
+                key = ("text", len(files))
+            else:
+                try:
+                    key = ("file", str(Path(p).resolve()))
+                except (OSError, RuntimeError, ValueError):
+                    key = ("file", str(p))
+                if key in seen:
+                    continue
+                df = load_file(p, deadline=verifier.deadline)
+            seen.add(key)
+            files.append((str(name), df))
         except DerivationFileError as exc:
-            report.errors.append((str(p), str(exc)))
+            report.errors.append((str(name), str(exc)))
     if not report.errors:
-        for df in files:
-            verifier.verify_file(df, report)
+        verifier.total = sum(count_checks(df) for _, df in files)
+        for name, df in files:
+            verifier.verify_file(df, report, name=name)
     report.seconds = time.monotonic() - t0
     return report

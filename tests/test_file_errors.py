@@ -67,4 +67,4 @@ def test_bad_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["verify", "--timeout", "-1"])
     assert info.value.code == 2
-    assert "must be positive" in capsys.readouterr().err
+    assert "must be a positive" in capsys.readouterr().err
