@@ -9,6 +9,24 @@ __version__ = "0.1.0"
 
 _LAZY_MODULES = ("losses",)
 
+#: The public API: the loss functions (each documented: ``help(derive.sigmoid_focal_loss)``).
+__all__ = [
+    "sigmoid_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "binary_focal_loss",
+    "sigmoid_focal_loss",
+    "focal_loss_star",
+    "softmax_cross_entropy",
+    "softmax_focal_loss",
+    "available_backends",
+    "CBackendUnavailableWarning",
+    "__version__",
+]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
 
 def __getattr__(name):  # PEP 562: lazy re-export of the kernel API
     import importlib

@@ -1,15 +1,35 @@
-"""Command line: ``derive verify [FILE...]``, ``derive codegen``.
+"""The ``derive`` command: one console script, one subcommand per job.
+
+``derive verify [FILE...|-]`` checks derivation files (none: the shipped ones; ``-``: one file
+read from standard input); ``derive codegen``, ``derive docs``, ``derive accuracy`` and
+``derive bench`` generate the kernels, write the documentation, measure the kernels' accuracy and
+time them (each takes ``--help``; ``python -m derive.codegen`` and the like still work).
 
 Exit codes of ``verify``: 0 every step proved or a recorded erratum; 1 a step refuted
 without an erratum, only numerically confirmed (unless --allow-numeric), unproved, or a stale
-erratum; 2 a malformed file or bad arguments.
+erratum; 2 a malformed file or bad arguments.  ``derive`` with no arguments prints the usage on
+standard error and exits 2.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
-from .prover import STRATEGIES
+from . import __version__
+
+DIST_NAME = "derive-gradients"
+
+#: Subcommands whose modules parse their own options: ``derive NAME ...`` forwards the rest.
+FORWARDED = {
+    "codegen": ("derive.codegen", "render templates/ into ./generated (or --out DIR): NumPy module, C source, header"),
+    "docs": ("derive.docs", "write the documentation of every step into ./docs (or --out DIR)"),
+    "accuracy": ("derive.accuracy", "measure every kernel against mpmath references (--quick: a short run)"),
+    "bench": ("derive.bench", "time the kernels beside NumPy, PyTorch and JAX, and the verifier"),
+}
+
+#: Above this, a per-step time limit is treated as "no limit" (the prover's timers take seconds).
+_MAX_STEP_TIMEOUT = 24 * 3600.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,12 +43,21 @@ def _positive_float(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    if math.isnan(value) or not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _step_timeout(text):
+    value = _positive_float(text)
+    if value > _MAX_STEP_TIMEOUT:  # "inf" or a huge number: no practical limit, but a finite timer
+        return _MAX_STEP_TIMEOUT
     return value
 
 
 def _strategies(text):
+    from .prover import STRATEGIES
+
     keys = [k.strip() for k in text.split(",") if k.strip()]
     bad = [k for k in keys if k not in STRATEGIES]
     if bad or not keys:
@@ -37,48 +66,119 @@ def _strategies(text):
 
 
 def build_parser():
-    p = _Parser(prog="derive", description="Verify gradient derivations and generate kernels.")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    v = sub.add_parser("verify", help="check every step of derivation files (default: the shipped note)")
-    v.add_argument("files", nargs="*", help="derivation files (TOML); none: the files shipped with derive")
+    from .prover import STRATEGIES
+
+    p = _Parser(prog="derive", description="Verify gradient derivations step by step and generate kernels from them.",
+                epilog="Run `derive COMMAND --help` for a command's options.")
+    p.add_argument("--version", action="version", version=f"derive {__version__} ({DIST_NAME})")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    v = sub.add_parser("verify", help="check every step of derivation files (default: the shipped ones)",
+                       description="Check every step of derivation files: proved, or refuted with a counterexample.")
+    v.add_argument("files", nargs="*", metavar="FILE",
+                   help="derivation files (TOML); '-' reads one from standard input; none: the files shipped with derive")
     v.add_argument("--json", action="store_true", help="print a machine-readable report")
+    v.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the failures and the summary (no progress line)")
     v.add_argument("--allow-numeric", action="store_true",
                    help="accept steps that are only numerically confirmed (exit 0)")
     v.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
                    help="time limit for the whole run; steps not reached are unproved")
-    v.add_argument("--step-timeout", type=_positive_float, default=4.0, metavar="SECONDS",
-                   help="time limit for each proof strategy (default 4)")
+    v.add_argument("--step-timeout", type=_step_timeout, default=4.0, metavar="SECONDS",
+                   help="time limit for each proof strategy (default 4; 'inf': no practical limit, one day)")
     v.add_argument("--seed", type=int, default=None, help="seed of the random sample points")
     v.add_argument("--strategies", type=_strategies, default=None, metavar="LIST",
                    help="comma-separated proof strategies to try, of: " + ", ".join(STRATEGIES))
     v.add_argument("-v", "--verbose", action="store_true", help="show strategies tried and K instances")
-    sub.add_parser("codegen", help="render templates/ into generated/ (see derive codegen --help)")
+    for name, (_, text) in FORWARDED.items():
+        sub.add_parser(name, help=text, add_help=False)
     return p
+
+
+class _Progress:
+    """One self-erasing line on standard error while the checks run (only on a terminal)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.width = 0
+
+    def __call__(self, file, derivation, n, total):
+        from .report import sanitize
+
+        text = f"derive verify: {sanitize(str(file))}: {sanitize(str(derivation))} ({n} of {total})"
+        text = text[:150]
+        pad = max(0, self.width - len(text))
+        self.stream.write("\r" + text + " " * pad)
+        self.stream.flush()
+        self.width = len(text)
+
+    def clear(self):
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
+def _read_stdin(limit):
+    data = sys.stdin.buffer.read(limit + 1)
+    return data
+
+
+def _verify(args) -> int:
+    from . import loader
+    from .prover import DEFAULT_SEED
+    from .report import render_json, render_text
+    from .verify import builtin_files, verify_paths
+
+    sources = []
+    if not args.files:
+        sources = list(builtin_files())
+    elif args.files.count("-") > 1:
+        print("derive verify: error: '-' (standard input) may be given only once", file=sys.stderr)
+        return 2
+    for f in args.files:
+        if f == "-":
+            limit = loader.MAX_FILE_BYTES
+            data = _read_stdin(limit)
+            if len(data) > limit:
+                print(f"derive verify: error: <stdin>: more than {limit} bytes; not a derivation file", file=sys.stderr)
+                return 2
+            sources.append(loader.TextSource("<stdin>", data))
+        else:
+            sources.append(f)
+    progress = None
+    if not (args.json or args.quiet) and sys.stderr.isatty():
+        progress = _Progress(sys.stderr)
+    try:
+        report = verify_paths(sources, seed=DEFAULT_SEED if args.seed is None else args.seed,
+                              step_timeout=args.step_timeout, timeout=args.timeout,
+                              allow_numeric=args.allow_numeric, strategies=args.strategies, progress=progress)
+    finally:
+        if progress is not None:
+            progress.clear()
+    if args.json:
+        sys.stdout.write(render_json(report))
+    else:
+        text = render_text(report, verbose=args.verbose, quiet=args.quiet)
+        (sys.stderr if report.errors else sys.stdout).write(text)
+    return report.exit_code()
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["codegen"]:  # the generator has its own options (--check, --out ...)
-        from . import codegen
+    if not argv:
+        build_parser().print_usage(sys.stderr)
+        print("derive: error: a command is required (verify, codegen, docs, accuracy, bench); "
+              "`derive --help` lists them", file=sys.stderr)
+        return 2
+    if argv[0] in FORWARDED:  # these parse their own options (--out, --check, --quick ...)
+        import importlib
 
-        return codegen.main(argv[1:])
+        module = importlib.import_module(FORWARDED[argv[0]][0])
+        return module.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "verify":
-        from .prover import DEFAULT_SEED
-        from .report import render_json, render_text
-        from .verify import builtin_files, verify_paths
-
-        files = args.files or builtin_files()
-        report = verify_paths(files, seed=DEFAULT_SEED if args.seed is None else args.seed,
-                              step_timeout=args.step_timeout, timeout=args.timeout,
-                              allow_numeric=args.allow_numeric, strategies=args.strategies)
-        if args.json:
-            sys.stdout.write(render_json(report))
-        else:
-            text = render_text(report, verbose=args.verbose)
-            (sys.stderr if report.errors else sys.stdout).write(text)
-        return report.exit_code()
-    build_parser().print_help()
+        return _verify(args)
+    build_parser().print_usage(sys.stderr)
     return 2
 
 

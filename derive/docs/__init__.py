@@ -182,7 +182,8 @@ def main(argv=None) -> int:
                   file=sys.stderr)
         files = build(report, plots=not args.no_plots)
     except ImportError as exc:  # matplotlib, latex2mathml: the "docs" extra
-        print(f"derive docs: {exc}; install the docs extra: pip install -e '.[docs]'", file=sys.stderr)
+        print(f"derive docs: {exc}; install the docs extra: pip install 'derive-gradients[docs]' "
+              "(in a checkout: pip install -e '.[docs]')", file=sys.stderr)
         return 2
     if args.no_plots:
         files = {k: v for k, v in files.items()}
