@@ -47,9 +47,19 @@ import numbers
 import os
 import warnings
 
+from typing import Literal, Optional, Sequence, Tuple, Union
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import cbuild
+
+#: ``reduction=`` values, ``backend=`` values, the ``out=`` pair, and what a loss returns
+Reduction = Literal["none", "sum", "mean"]
+Backend = Literal["auto", "c", "numpy"]
+Outputs = Optional[Tuple[np.ndarray, Optional[np.ndarray]]]
+LossValue = Union[np.ndarray, np.floating]
+LossResult = Union[LossValue, Tuple[LossValue, np.ndarray]]
 
 __all__ = [
     "sigmoid_cross_entropy",
@@ -225,7 +235,7 @@ def _backend(backend):
     return backend
 
 
-def available_backends():
+def available_backends() -> list:
     """The backends that work here: always "numpy", and "c" when the C library builds and
     loads (else one :class:`CBackendUnavailableWarning` naming the cause, as for "auto")."""
     return ["c", "numpy"] if _c_works(stacklevel=2) else ["numpy"]
@@ -233,6 +243,112 @@ def available_backends():
 
 def _info(name):
     return cbuild.load_numpy_module().KERNELS[name]
+
+
+# ------------------------------------------------------------------------------------------
+# documentation: numpydoc sections shared by the public functions
+
+_DOC_ELEMENTWISE_IO = """\
+inputs : array_like of float32 or float64, any shape (0-d included)
+    Logits x. Any other dtype raises TypeError (convert first, e.g. ``x.astype(np.float32)``);
+    a non-contiguous or read-only array is read (copied when not C-contiguous), never written.
+targets : array_like, the shape of `inputs`
+    Labels t, 0 or 1, of any numeric or bool dtype; x_t = x for t = 1 and -x for t = 0."""
+
+_DOC_SOFTMAX_IO = """\
+inputs : array_like of float32 or float64, shape (N, K)
+    Logits, one row per sample, K >= 1 classes.  Any other dtype raises TypeError.
+targets : array_like of integers, shape (N,)
+    The class index of each row, in [0, K), or `ignore_index`."""
+
+_DOC_IGNORE = """\
+ignore_index : int, default -100
+    Target value of rows that get loss 0 and gradient 0 and are not counted by "mean"
+    (``torch.nn.functional.cross_entropy``'s convention)."""
+
+_DOC_COMMON = """\
+reduction : {{"none", "sum", "mean"}}, default {reduction!r}
+    "none": one loss per {unit}; "sum": their sum; "mean": their mean{mean_note}.  Sums are
+    accumulated in float64 and rounded once to the dtype of `inputs`.
+backend : {{"auto", "c", "numpy"}}, default "auto"
+    "c": the generated C library, compiled on first use and cached (``$DERIVE_CACHE_DIR``, else
+    ``~/.cache/derive``); "numpy": the generated NumPy module (no compiler needed); "auto": C
+    when the library builds and loads, else NumPy with one `CBackendUnavailableWarning`.
+return_grad : bool, default False
+    Also return the gradient of the (reduced) loss with respect to `inputs`, from the same
+    fused pass.  For "none" it is each {unit}'s loss differentiated with respect to its own
+    logits (the backward pass with a gradient of ones).
+threads : int or None, default None
+    C backend only: at most this many OpenMP threads (1 to `MAX_THREADS`); None: all cores.
+    Calls on fewer than 32768 values run on one thread.  Results do not depend on it.
+out : (ndarray, ndarray or None), optional
+    Preallocated ``(loss, grad)`` filled in place and returned: `loss` of the unreduced shape
+    ({loss_shape}), `grad` of the shape of `inputs` or None; both of the dtype of
+    `inputs`, C-contiguous, writeable, sharing no memory with the inputs or each other."""
+
+_DOC_RETURNS = """\
+Returns
+-------
+loss : ndarray or numpy scalar
+    In the dtype of `inputs`: {loss_shape_ret} for "none", a scalar for "sum" and "mean".
+grad : ndarray, only with ``return_grad=True``
+    Shape and dtype of `inputs`.  Finite for every finite logit, however saturated.
+
+Raises
+------
+TypeError
+    A dtype or a type that is not accepted (each message names the argument).
+ValueError
+    {value_errors}; a bad `reduction`, `backend`, `threads` or `out`.
+derive.cbuild.BuildError
+    ``backend="c"`` and the C library cannot be compiled or loaded (the message says why).
+
+Notes
+-----
+{notes}"""
+
+
+def _document(summary, params="", *, kind="elementwise", reduction="none", value_errors="", notes="",
+              examples=""):
+    """Give a public loss function its numpydoc docstring (one source for the shared sections)."""
+    softmax = kind == "softmax"
+    unit = "row" if softmax else "element"
+    loss_shape = "(N,)" if softmax else "the shape of `inputs`"
+    mean_note = " over the rows whose target is not `ignore_index` (0 when there is none)" if softmax else ""
+    parts = [_DOC_SOFTMAX_IO if softmax else _DOC_ELEMENTWISE_IO]
+    if params:
+        parts.append(params)
+    if softmax:
+        parts.append(_DOC_IGNORE)
+    parts.append(_DOC_COMMON.format(reduction=reduction, unit=unit, mean_note=mean_note, loss_shape=loss_shape))
+    label_error = ("a target outside [0, K) that is not `ignore_index`" if softmax
+                   else "a label other than 0 or 1 (the first one is named)")
+    doc = "\n\n".join([summary, "Parameters\n----------\n" + "\n".join(parts),
+                        _DOC_RETURNS.format(loss_shape_ret="shape (N,)" if softmax else "the shape of `inputs`",
+                                            notes=notes.strip() or "-",
+                                            value_errors="; ".join(filter(None, [label_error, value_errors])))])
+    doc = doc.replace("ValueError\n    a ", "ValueError\n    A ")
+    if examples:
+        doc += "\n\nExamples\n--------\n" + examples.strip()
+
+    def apply(fn):
+        fn.__doc__ = doc
+        return fn
+
+    return apply
+
+
+_DOC_GAMMA = """\
+gamma : float, default 2.0
+    Focusing exponent, gamma >= 0 (0 gives the cross-entropy); any real gamma, also in (0, 1),
+    where ``(1 - p)^(gamma - 1)`` written out is NaN at saturated logits."""
+
+_SIGMOID_NOTES = """\
+p_t = sigmoid(x_t).  The kernel evaluates the proved stable forms of
+``derive/derivations/stable_forms.toml`` (log p_t = -softplus(-x_t), 1 - p_t = sigmoid(-x_t),
+(1 - p_t)^gamma = exp(-gamma softplus(x_t))), so no subtraction 1 - p, no log of a rounded
+probability and no clamp: the loss is exact far past |x| = 17 (float32) and 37 (float64), where
+1 - p rounds to 0, and stays finite and correctly signed up to the largest float."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -345,35 +461,72 @@ def _elementwise(name, inputs, targets, params, reduction, backend, return_grad,
 # sigmoid family
 
 
-def sigmoid_cross_entropy(inputs, targets, reduction="none", *, backend="auto", return_grad=False, threads=None, out=None):
-    """-log p_t with p_t = sigmoid(x) for label 1 and 1 - sigmoid(x) for label 0."""
+@_document("""Sigmoid cross-entropy of logits: -log p_t, p_t = sigmoid(x) for label 1 and 1 - sigmoid(x) for 0.""",
+           notes=_SIGMOID_NOTES, examples="""\
+>>> import numpy as np, derive
+>>> x = np.array([-2.0, 0.0, 3.0]); t = np.array([0.0, 1.0, 1.0])
+>>> loss, grad = derive.sigmoid_cross_entropy(x, t, return_grad=True, backend="numpy")
+>>> np.round(loss, 4), np.round(grad, 4)
+(array([0.1269, 0.6931, 0.0486]), array([ 0.1192, -0.5   , -0.0474]))""")
+def sigmoid_cross_entropy(inputs: ArrayLike, targets: ArrayLike, reduction: Reduction = "none", *,
+                          backend: Backend = "auto", return_grad: bool = False, threads: Optional[int] = None,
+                          out: Outputs = None) -> LossResult:
     return _elementwise("sigmoid_ce", inputs, targets, (), reduction, backend, return_grad, threads, out)
 
 
-def binary_cross_entropy_with_logits(inputs, targets, reduction="mean", *, backend="auto", return_grad=False, threads=None, out=None):
-    """torch.nn.functional.binary_cross_entropy_with_logits (labels 0/1, no weights)."""
+@_document("""``torch.nn.functional.binary_cross_entropy_with_logits`` (labels 0/1, no weights): mean by default.""",
+           reduction="mean", notes="The same kernel as `sigmoid_cross_entropy`, with torch's default reduction.\n\n"
+           + _SIGMOID_NOTES)
+def binary_cross_entropy_with_logits(inputs: ArrayLike, targets: ArrayLike, reduction: Reduction = "mean", *,
+                                     backend: Backend = "auto", return_grad: bool = False,
+                                     threads: Optional[int] = None, out: Outputs = None) -> LossResult:
     return sigmoid_cross_entropy(inputs, targets, reduction, backend=backend, return_grad=return_grad, threads=threads,
                                  out=out)
 
 
-def binary_focal_loss(inputs, targets, gamma=2.0, reduction="none", *, backend="auto", return_grad=False, threads=None, out=None):
-    """-(1 - p_t)^gamma log p_t (the note's focal loss, no alpha weighting)."""
+@_document("""Focal loss -(1 - p_t)^gamma log p_t of logits, p_t = sigmoid(x_t) (the note's FL, no alpha).""",
+           _DOC_GAMMA, value_errors="gamma < 0 or not finite", notes=_SIGMOID_NOTES)
+def binary_focal_loss(inputs: ArrayLike, targets: ArrayLike, gamma: float = 2.0, reduction: Reduction = "none", *,
+                      backend: Backend = "auto", return_grad: bool = False, threads: Optional[int] = None,
+                      out: Outputs = None) -> LossResult:
     info = _info("sigmoid_focal")
     gamma = _param(info, "gamma", gamma)
     return _elementwise("sigmoid_focal", inputs, targets, (gamma,), reduction, backend, return_grad, threads, out)
 
 
-def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none", *, backend="auto",
-                       return_grad=False, threads=None, out=None):
-    """torchvision.ops.sigmoid_focal_loss: alpha_t*(1 - p_t)^gamma*CE, alpha < 0 means no weighting."""
+@_document("""``torchvision.ops.sigmoid_focal_loss``: alpha_t (1 - p_t)^gamma CE(x, t), p_t = sigmoid(x_t).""",
+           """\
+alpha : float, default 0.25
+    Weight of the positives, in (0, 1]; alpha_t = alpha for t = 1 and 1 - alpha for t = 0.
+    A negative alpha means no weighting (alpha_t = 1), as in torchvision.
+""" + _DOC_GAMMA, value_errors="alpha = 0 or alpha > 1, gamma < 0, or either not finite",
+           notes=_SIGMOID_NOTES + "\n\nThe signature, defaults and results are torchvision's (and Detectron's).",
+           examples="""\
+>>> import numpy as np, derive
+>>> x = np.array([-5.0, 0.0, 5.0], dtype=np.float32); t = np.array([0, 1, 1], dtype=np.float32)
+>>> derive.sigmoid_focal_loss(x, t, alpha=0.25, gamma=2.0, reduction="sum", backend="numpy").dtype
+dtype('float32')""")
+def sigmoid_focal_loss(inputs: ArrayLike, targets: ArrayLike, alpha: float = 0.25, gamma: float = 2.0,
+                       reduction: Reduction = "none", *, backend: Backend = "auto", return_grad: bool = False,
+                       threads: Optional[int] = None, out: Outputs = None) -> LossResult:
     info = _info("sigmoid_focal_alpha")
     alpha = _param(info, "alpha", alpha, allow_off=True)
     gamma = _param(info, "gamma", gamma)
     return _elementwise("sigmoid_focal_alpha", inputs, targets, (alpha, gamma), reduction, backend, return_grad, threads, out)
 
 
-def focal_loss_star(inputs, targets, gamma=2.0, beta=1.0, reduction="none", *, backend="auto", return_grad=False, threads=None, out=None):
-    """FL* of Lin et al.: -log(sigmoid(gamma*x_t + beta))/gamma, gamma > 0."""
+@_document("""FL* of Lin et al. (Focal Loss paper, appendix): -log(sigmoid(gamma x_t + beta)) / gamma.""",
+           """\
+gamma : float, default 2.0
+    gamma > 0 (FL* divides by it).
+beta : float, default 1.0
+    Any finite shift.""", value_errors="gamma <= 0, or gamma or beta not finite",
+           notes="""\
+z = gamma x_t + beta is formed with its rounding error kept (exact product in float64 for
+float32 input), and -log sigmoid(z) = softplus(-z) never takes the log of a rounded probability.""")
+def focal_loss_star(inputs: ArrayLike, targets: ArrayLike, gamma: float = 2.0, beta: float = 1.0,
+                    reduction: Reduction = "none", *, backend: Backend = "auto", return_grad: bool = False,
+                    threads: Optional[int] = None, out: Outputs = None) -> LossResult:
     info = _info("focal_star")
     gamma = _param(info, "gamma", gamma)
     beta = _param(info, "beta", beta)
@@ -448,16 +601,34 @@ def _rowwise(name, inputs, targets, alpha_vec, params, ignore_index, reduction, 
     return _reduce(loss, grad, reduction, count, return_grad)
 
 
-def softmax_cross_entropy(inputs, targets, ignore_index=-100, reduction="none", *, backend="auto",
-                          return_grad=False, threads=None, out=None):
-    """-log softmax(x)[t] per row of (N, K) logits; rows with target == ignore_index give 0."""
+_SOFTMAX_NOTES = """\
+log p_t = x_t - m - log(sum_k exp(x_k - m)) with m the row maximum (log-softmax), the row sum
+compensated; the gradient is p - onehot(t) (times the focal factor), with no 1 - p by subtraction."""
+
+
+@_document("""Softmax cross-entropy -log softmax(x)[t] per row of (N, K) logits (``F.cross_entropy``).""",
+           kind="softmax", notes=_SOFTMAX_NOTES, examples="""\
+>>> import numpy as np, derive
+>>> x = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]); t = np.array([0, -100])
+>>> np.round(derive.softmax_cross_entropy(x, t, backend="numpy"), 4)
+array([0.1698, 0.    ])""")
+def softmax_cross_entropy(inputs: ArrayLike, targets: ArrayLike, ignore_index: int = -100,
+                          reduction: Reduction = "none", *, backend: Backend = "auto", return_grad: bool = False,
+                          threads: Optional[int] = None, out: Outputs = None) -> LossResult:
     return _rowwise("softmax_ce", inputs, targets, None, (), ignore_index, reduction, backend, return_grad, threads, out)
 
 
-def softmax_focal_loss(inputs, targets, alpha=None, gamma=2.0, ignore_index=-100, reduction="none", *,
-                       backend="auto", return_grad=False, threads=None, out=None):
-    """-alpha_t (1 - p_t)^gamma log p_t with p = softmax(x) per row; alpha is None (1), a scalar,
-    or one weight per class."""
+@_document("""Softmax focal loss -alpha_t (1 - p_t)^gamma log p_t per row, p = softmax(x) over the K classes.""",
+           """\
+alpha : None, float or array_like of shape (K,), default None
+    None: no weighting (alpha_t = 1); a float in (0, 1]: the same weight for every class; an
+    array: one weight per class (alpha_t = alpha[t]), each in (0, 1].
+""" + _DOC_GAMMA, kind="softmax", value_errors="alpha or gamma out of range or not finite; alpha of the wrong shape",
+           notes=_SOFTMAX_NOTES + "  (1 - p_t)^gamma is evaluated in log space where gamma is not an integer.")
+def softmax_focal_loss(inputs: ArrayLike, targets: ArrayLike, alpha: Union[None, float, Sequence[float], np.ndarray] = None,
+                       gamma: float = 2.0, ignore_index: int = -100, reduction: Reduction = "none", *,
+                       backend: Backend = "auto", return_grad: bool = False, threads: Optional[int] = None,
+                       out: Outputs = None) -> LossResult:
     info = _info("softmax_focal")
     gamma = _param(info, "gamma", gamma)
     x_dtype = np.asarray(inputs).dtype
