@@ -50,7 +50,8 @@ def _fraction(value):
         return Fraction(value)
     import mpmath
 
-    v = mpmath.mpf(value)
+    # an mpf is taken as it is: mpmath.mpf(v) would round it to the working precision
+    v = value if isinstance(value, mpmath.mpf) else mpmath.mpf(value)
     if not mpmath.isfinite(v):
         raise DomainError(f"{value!r} is not a finite number")
     man, exp = v.man_exp
@@ -68,7 +69,7 @@ def _cmp(value, bound) -> int:
     import mpmath
 
     # a binary exponent beyond 100000 bits: |value| is far from any rational bound we use
-    v = mpmath.mpf(value)
+    v = value if isinstance(value, mpmath.mpf) else mpmath.mpf(value)
     sign = 1 if v > 0 else -1
     if mpmath.mag(v) > 0 or b == 0:
         return sign

@@ -419,30 +419,32 @@ def _ieval(prepared, point, dps):
         _IV.prec = old
 
 
-def _eval(prepared, point):
-    """The value at ``point`` (midpoint of a 40-digit enclosure), None when there is none."""
-    try:
-        val, _ = _ieval(prepared, point, DPS)
-    except (_Invalid, _Undecided):
-        return None
-    return _mid(val)
-
-
 def _mid(v):
     lo, hi = _ends(v)
     return (lo + hi) / 2
 
 
 def _show_pair(a, b, dps):
-    """Both values printed with as many digits as it takes for the texts to differ."""
+    """Both values printed with 12 digits, or with the fewest digits (plus two) that make
+    the texts differ: a counterexample never shows two equal numbers."""
     with mpmath.workdps(dps + 10):
         x, y = _mid(a), _mid(b)
-        n = 12
-        while True:
-            sa, sb = mpmath.nstr(x, n), mpmath.nstr(y, n)
-            if sa != sb or n >= dps:
-                return sa, sb
-            n = min(dps, n * 2)
+
+        def texts(n):
+            return mpmath.nstr(x, n), mpmath.nstr(y, n)
+
+        if texts(12)[0] != texts(12)[1]:
+            return texts(12)
+        lo, hi = 12, 24
+        while texts(hi)[0] == texts(hi)[1] and hi < dps + 10:
+            lo, hi = hi, min(dps + 10, 2 * hi)
+        while hi - lo > 1:  # fewest digits that differ
+            mid = (lo + hi) // 2
+            if texts(mid)[0] != texts(mid)[1]:
+                hi = mid
+            else:
+                lo = mid
+        return texts(hi + 2)
 
 
 @dataclass
