@@ -304,10 +304,12 @@ def verify_entry(path: Path) -> bool:
 def _entry(cmd, key: str, generated: Path) -> Path:
     """The verified cache entry for ``key``, built (again) when missing or failing the check."""
     path = _private_cache_dir(cache_dir()) / f"libderive_focal_{key}{_lib_suffix()}"
-    for _ in range(3):  # a concurrent builder may replace the pair between our writes and our check
+    if verify_entry(path):
+        return path
+    for _ in range(2):  # a concurrent builder may replace the pair between our writes and our check
+        compile_library(cmd, path, generated)
         if verify_entry(path):
             return path
-        compile_library(cmd, path, generated)
     raise BuildError(f"{path} does not match its recorded SHA-256 ({digest_path(path)}) even after "
                      "rebuilding it; is another program writing into the cache folder?")
 

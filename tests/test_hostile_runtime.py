@@ -501,3 +501,26 @@ def test_read_only_folders(tmp_path, where):
         assert re.search("ERROR .*" + cause, out), out
     else:
         assert "WARNING CBackendUnavailableWarning" in out and "ERROR " in out, out
+
+
+@needs_c
+def test_an_entry_that_never_matches_its_digest_is_an_error_not_a_load(tmp_path, isolated):
+    """If every rebuild is replaced by something else (another program writing into the
+    cache), the build gives up with a BuildError after two tries; nothing is loaded."""
+    cache = tmp_path / "cache"
+    isolated.setenv("DERIVE_CACHE_DIR", str(cache))
+    builds = []
+
+    def hostile(cmd, out, generated=cbuild.GENERATED_DIR):
+        builds.append(out)
+        cbuild._private_cache_dir(out.parent)
+        out.write_bytes(b"\x7fELF then nothing")
+        cbuild.digest_path(out).write_text("0" * 64 + "\n")
+
+    isolated.setattr(cbuild, "compile_library", hostile)
+    loaded = []
+    real_cdll = cbuild.ctypes.CDLL
+    isolated.setattr(cbuild.ctypes, "CDLL", lambda *a, **k: loaded.append(a) or real_cdll(*a, **k))
+    with pytest.raises(cbuild.BuildError, match="does not match its recorded SHA-256 .* even after rebuilding"):
+        cbuild.load()
+    assert len(builds) == 2 and not loaded
