@@ -191,7 +191,7 @@ class _Undecided(Exception):
 #: magnitude met while evaluating either side (so a constant -1 beside e^300 counts)
 AGREE_DIGITS = 20
 #: precision (decimal digits) beyond which a point is dropped as undecidable
-MAX_DPS = 1500
+MAX_DPS = 800
 _LOG10_2 = 0.30102999566398120
 
 
@@ -375,13 +375,14 @@ class _Eval:
         if isinstance(cond, sp.core.relational.Relational):
             t = self._interval_truth(cond)
             if t is None and self.exact is not None:
-                # at its threshold (x == 1/7 at x = 1/7): decide with the exact rational point
+                # at its threshold (x == 1/7 at x = 1/7): decide exactly when both sides are
+                # rational at the point
                 try:
-                    r = cond.xreplace(self.exact)
+                    d = (cond.lhs - cond.rhs).xreplace(self.exact)
                 except Exception:
-                    r = None
-                if r in (sp.true, sp.false):
-                    return bool(r)
+                    d = None
+                if d is not None and d.is_Rational:
+                    return bool(cond.func(d, 0))
             return t
         raise _Invalid(f"cannot evaluate condition {cond}")
 
@@ -456,6 +457,16 @@ class PointResult:
     dps: int = DPS
 
 
+def _tight(v, dps):
+    """Whether an enclosure is known to AGREE_DIGITS significant digits."""
+    lo, hi = _ends(v)
+    if lo == hi:
+        return True
+    if lo <= 0 <= hi:
+        return False
+    return (hi - lo) <= min(abs(lo), abs(hi)) * mpmath.mpf(10) ** (-AGREE_DIGITS)
+
+
 def _span_digits(*evs):
     mx = [e.max_mag for e in evs if e.max_mag is not None]
     mn = [e.min_mag for e in evs if e.min_mag is not None]
@@ -491,7 +502,9 @@ def compare_at(pl, pr, point, dps=DPS, max_dps=MAX_DPS) -> PointResult:
         need = span + AGREE_DIGITS + 10
         if P < need:
             if need > max_dps:
-                if P < max_dps:  # agreement is out of reach, a disagreement may still show
+                if P < max_dps and not (_tight(L, P) and _tight(R, P)):
+                    # agreement is out of reach; with enclosures this loose, more digits may
+                    # still separate the sides ((x^2+1)^1e50 against (x^2+2)^1e50)
                     P = max_dps
                     continue
                 return PointResult("undecided", f"magnitudes too far apart to resolve with {max_dps} digits",
@@ -591,7 +604,11 @@ class TooManyCases(Exception):
 #: the most cases one strategy splits a step into (finite labels times signs)
 MAX_CASES = 4096
 #: numeric confirmation is refused when more than this fraction of the points is dropped
-MAX_DROPPED_FRACTION = 0.2
+#: because a side has no real value there ((-1)^(2g) for y = -1)...
+MAX_INVALID_FRACTION = 0.2
+#: ...or when more than this fraction is dropped for any reason (precision included: the
+#: huge-magnitude points of exp-heavy steps cannot all be resolved)
+MAX_DROPPED_FRACTION = 1 / 3
 #: the most extra points placed at and around where()/abs thresholds
 MAX_THRESHOLD_POINTS = 40
 
@@ -632,6 +649,14 @@ class Scan:
     @property
     def n_dropped(self):
         return sum(self.dropped.values())
+
+    @property
+    def n_invalid(self):
+        return sum(n for why, n in self.dropped.items() if not why.startswith("undecided"))
+
+    def too_many_dropped(self):
+        return (self.n_invalid > MAX_INVALID_FRACTION * self.total
+                or self.n_dropped > MAX_DROPPED_FRACTION * self.total)
 
     def describe_drops(self):
         if not self.dropped:
@@ -781,10 +806,13 @@ class Prover:
         return out
 
     def instance_points(self, name, count):
+        """Points for a concrete instance (K = 3 classes...): the moderate points only, the
+        scales being covered by the general check."""
         rng = random.Random(f"{self.seed}:{name}")
         extra = self.instance_symbols.get(name, {})
         out = []
-        for pt in self.points(count):
+        base = self.points(count) if count <= SCREEN_POINTS else self._build_points(count)[0]
+        for pt in base:
             q = dict(pt)
             for s, dom in extra.items():
                 q[s] = dom.samples(rng, 8)[rng.randrange(8)]
@@ -1018,22 +1046,20 @@ class Prover:
             with time_limit(self._limit(floor=2.0)):
                 scan = self.numeric_scan(Lf, Rf, self.points(CONFIRM_POINTS) + thresholds)
                 notes.append(f"{scan.agree} points")
-                cex = scan.cex
                 for name in sorted(self.instances):
-                    if cex is not None:
+                    if scan.cex is not None:
                         break
                     s2 = self.numeric_scan(Lf.xreplace(self.instances[name]), Rf.xreplace(self.instances[name]),
                                            self.instance_points(name, 20))
-                    cex = s2.cex
-                    if cex is not None:
-                        scan = s2
                     notes.append(f"{name}: {s2.agree} points")
-                    scan.dropped = dict(scan.dropped)
+                    if s2.cex is not None:
+                        scan = s2
+                        break
+                    scan.agree += s2.agree
+                    scan.total += s2.total
                     for why, n in s2.dropped.items():
                         scan.dropped[why] = scan.dropped.get(why, 0) + n
-                    if s2 is not scan:
-                        scan.total += s2.total
-                        scan.agree += s2.agree
+                cex = scan.cex
         except StrategyTimeout:
             return Verdict(UNPROVED, "time limit", seconds=time.monotonic() - t0, tried=tried,
                            detail="; ".join(tried))
@@ -1052,7 +1078,7 @@ class Prover:
         if scan.agree == 0:
             return Verdict(UNPROVED, "no valid sample point", seconds=time.monotonic() - t0, tried=tried,
                            detail="; ".join([drops] + tried if drops else tried))
-        if scan.n_dropped > MAX_DROPPED_FRACTION * scan.total:
+        if scan.too_many_dropped():
             return Verdict(UNPROVED, "numeric check inconclusive", seconds=time.monotonic() - t0, tried=tried,
                            detail=f"{drops}: too many to confirm; " + "; ".join(tried))
         method = f"mpmath at {DPS} digits, seed {self.seed}: " + ", ".join(notes)
@@ -1199,20 +1225,19 @@ class Prover:
             prep = _prepare_numeric(expr)
             pts = self.points(CONFIRM_POINTS)
             pts = pts + self.threshold_points([expr], pts)
-            n, dropped = 0, {}
+            scan = Scan(total=len(pts))
             for pt in pts:
                 where, text = self._domain_point(prep, expr, dom, pt)
                 if where == "outside":
                     return self._outside(expr, dom, text, pt, t0)
                 if where == "inside":
-                    n += 1
+                    scan.agree += 1
                 else:
-                    dropped[text] = dropped.get(text, 0) + 1
-        nd = sum(dropped.values())
-        drops = (f"{nd} of {len(pts)} sample points dropped ("
-                 + ", ".join(f"{c} {why}" for why, c in sorted(dropped.items())) + ")") if nd else ""
-        if n == 0 or nd > MAX_DROPPED_FRACTION * len(pts):
+                    why = text if where == "invalid" else f"undecided: {text}"
+                    scan.dropped[why] = scan.dropped.get(why, 0) + 1
+        drops = scan.describe_drops()
+        if scan.agree == 0 or scan.too_many_dropped():
             return Verdict(UNPROVED, "numeric check inconclusive", seconds=time.monotonic() - t0,
                            detail=drops or "no valid sample point")
-        return Verdict(CONFIRMED, f"{n} sample points inside the domain" + (f" ({drops})" if drops else ""),
+        return Verdict(CONFIRMED, f"{scan.agree} sample points inside the domain" + (f" ({drops})" if drops else ""),
                        seconds=time.monotonic() - t0)
