@@ -192,7 +192,7 @@ class _Locator:
     WINDOW = 64_000  # characters searched for a value after the place it is expected
 
     _KEY = re.compile(r"""^[ \t]*(?:"([^"\n]*)"|'([^'\n]*)'|([A-Za-z0-9_.-]+))[ \t]*=[ \t]*(.*)$""", re.M)
-    _ID = re.compile(r"""^\s*[\"'](.*)[\"']""")
+    _ID = re.compile(r"""^(["'])(.*?)\1""")
 
     def __init__(self, text: str):
         self.text = text
@@ -206,7 +206,7 @@ class _Locator:
             if key == "id":
                 v = self._ID.match(m.group(4))
                 if v:
-                    self.ids.setdefault(v.group(1), []).append(n)
+                    self.ids.setdefault(v.group(2), []).append(n)
 
     @staticmethod
     def _first(lines, after):
@@ -462,6 +462,36 @@ def _domain(text, what, err, lineno=None):
         raise err(f"{what}: {_q(str(exc), 160)[1:-1]}", lineno=lineno) from None
 
 
+#: A backstop on the time one expression may take to parse.  Parsing is polynomial (see
+#: derive.parser), but SymPy's automatic evaluation of some shapes (abs(x - abs(x - ...)) nested
+#: 30 deep) takes a good part of a second, and a 20,000-character expression holds many of
+#: them.  None: no limit.  ``--timeout`` (the loader's deadline) also bounds each expression.
+PARSE_SECONDS = 20.0
+
+
+def _parse(text, names, loc):
+    """parse_expression under the loader's time limits (main thread only: SIGALRM)."""
+    if loc is not None:
+        _tick(loc)
+    deadline = getattr(loc, "deadline", None)
+    limit = PARSE_SECONDS
+    if deadline is not None:
+        left = max(deadline - time.monotonic(), 0.001)
+        limit = left if limit is None else min(limit, left)
+    if limit is None:
+        return parse_expression(text, names)
+    from .prover import StrategyTimeout, time_limit
+
+    try:
+        with time_limit(limit):
+            return parse_expression(text, names)
+    except StrategyTimeout:
+        if deadline is not None and time.monotonic() >= deadline - 0.01:
+            raise ParseError("loading the file ran past the time limit (--timeout)") from None
+        raise ParseError(f"the expression took more than {PARSE_SECONDS:g} s to parse (SymPy's automatic "
+                         "evaluation); write it more simply") from None
+
+
 def _tick(loc):
     """Stop at the deadline of ``derive verify --timeout`` (checked before each expression)."""
     deadline = getattr(loc, "deadline", None)
@@ -527,7 +557,7 @@ def _add_definitions(table, names, domains, definitions, latex_names, err, loc, 
         if not isinstance(spec, str):
             raise err(f"definition {_q(name)} must be an expression string", lineno=lineno)
         try:
-            expr = parse_expression(spec, names)
+            expr = _parse(spec, names, loc)
         except ParseError as exc:
             hint = ""
             m = re.search(r"undefined name '([^']+)'", str(exc))
@@ -550,12 +580,12 @@ def _add_definitions(table, names, domains, definitions, latex_names, err, loc, 
             latex_names[sym] = latex
 
 
-def _parse_in(text, ctx, err, what, chain=None, line=None, lineno=None):
+def _parse_in(text, ctx, err, what, chain=None, line=None, lineno=None, loc=None):
     if not isinstance(text, str):
         raise err(f"{what} must be an expression string, got {type(text).__name__}", chain=chain, line=line,
                   lineno=lineno)
     try:
-        expr = parse_expression(text, ctx.names)
+        expr = _parse(text, ctx.names, loc)
     except ParseError as exc:
         raise err(f"{what}: {exc}: {_q(text, 80)}", chain=chain, line=line, lineno=lineno) from None
     if isinstance(expr, sp.core.relational.Relational):
@@ -605,7 +635,7 @@ def _load_chain(rc, ci, ctx, derr, loc, d_line):
             after = lineno
         if text is None:
             raise derr("line needs expr = \"...\"", chain=cid, line=li, lineno=lineno)
-        expr = _parse_in(text, ctx, derr, "expression", chain=cid, line=li, lineno=lineno)
+        expr = _parse_in(text, ctx, derr, "expression", chain=cid, line=li, lineno=lineno, loc=loc)
         erratum = None
         if "erratum" in rl:
             er = rl["erratum"]
@@ -617,7 +647,7 @@ def _load_chain(rc, ci, ctx, derr, loc, d_line):
                 raise derr(f"erratum: unknown key(s) {_keys(unknown)}", chain=cid, line=li, lineno=lineno)
             if "latex" in er and not isinstance(er["latex"], str):
                 raise derr("erratum latex must be a string", chain=cid, line=li, lineno=lineno)
-            corrected = _parse_in(er["corrected"], ctx, derr, "erratum.corrected", chain=cid, line=li,
+            corrected = _parse_in(er["corrected"], ctx, derr, "erratum.corrected", chain=cid, line=li, loc=loc,
                                   lineno=lineno)
             why = er.get("why", "")
             if not isinstance(why, str) or not why.strip():
@@ -666,7 +696,7 @@ def _load_instances(raw, ctx, derr, loc, d_line):
                 raise derr(f"instance {_q(name)}: {_q(sname)} is not a declared base symbol")
             _tick(loc)
             try:
-                values[ctx.names[sname]] = parse_expression(text, local) if isinstance(text, str) else None
+                values[ctx.names[sname]] = _parse(text, local, loc) if isinstance(text, str) else None
             except ParseError as exc:
                 raise derr(f"instance {_q(name)}: {_q(sname)}: {exc}") from None
             if values[ctx.names[sname]] is None:

@@ -39,7 +39,7 @@ import sympy as sp
 from .functions import D, expm1, log1p, sigmoid, softplus, xexpm1inv
 
 MAX_LENGTH = 20_000
-MAX_DEPTH = 100
+MAX_DEPTH = 32  # the shipped files nest 6 deep; SymPy's printers and algorithms recurse per level
 #: digits of a number literal, and of any exact number computed from the literals
 MAX_DIGITS = 1000
 _MAX_BITS = int(MAX_DIGITS * 3.3219280948873626) + 1
@@ -157,6 +157,7 @@ class _Parser:
         self.names = names
         self.depth = 0
         self._memo = {}
+        self._sizes = {}
 
     # -- helpers -----------------------------------------------------------------------
     def peek(self) -> Token:
@@ -211,6 +212,7 @@ class _Parser:
         return left
 
     def additive(self):
+        start = self.peek().pos
         node = self.term()
         rest = []
         count = 0
@@ -223,15 +225,16 @@ class _Parser:
             count += 1
             if count < _FOLD_TERMS:
                 node = sp.Add(node, rhs) if op == "+" else sp.Add(node, -rhs)
-                self._number(node, tok)
+                self._number(node, tok, start)
             else:
                 rest.append(rhs if op == "+" else -rhs)
         if rest:
             node = sp.Add(node, *rest)
-            self._number(node, self.peek())
+            self._number(node, self.peek(), start)
         return node
 
     def term(self):
+        start = self.peek().pos
         node = self.unary()
         rest = []
         count = 0
@@ -247,13 +250,13 @@ class _Parser:
             count += 1
             if count < _FOLD_TERMS:
                 node = sp.Mul(node, rhs) if op == "*" else sp.Mul(node, sp.Pow(rhs, -1))
-                self._number(node, tok)
+                self._number(node, tok, start)
             else:
                 rest.append(rhs if op == "*" else sp.Pow(rhs, -1))
                 self._bits_so_far(rhs, bits, tok)
         if rest:
             node = sp.Mul(node, *rest)
-            self._number(node, self.peek())
+            self._number(node, self.peek(), start)
         return node
 
     def unary(self):
@@ -264,10 +267,11 @@ class _Parser:
             operand = self.unary()
             self.depth -= 1
             self._arith(operand, tok.text)
-            return -operand if tok.text == "-" else operand
+            return self._number(-operand, tok, tok.pos) if tok.text == "-" else operand
         return self.power()
 
     def power(self):
+        start = self.peek().pos
         base = self.atom()
         tok = self.peek()
         if tok.kind == "op" and tok.text in ("^", "**"):
@@ -280,7 +284,7 @@ class _Parser:
             if base.is_number and exponent.is_number and exponent.is_Rational and abs(exponent) > 1000:
                 raise self.error("numeric power too large (exponent above 1000)", tok)
             self._check_power(base, exponent, tok)
-            return self._number(sp.Pow(base, exponent), tok)
+            return self._number(sp.Pow(base, exponent), tok, start)
         return base
 
     def atom(self):
@@ -346,6 +350,9 @@ class _Parser:
         if name == "where":
             if not isinstance(args[0], sp.core.relational.Relational):
                 raise self.error("where(cond, a, b): cond must be a comparison such as y == 1", tok)
+            if args[0].has(sp.Piecewise):  # SymPy folds it into ITE cases: exponential in their number
+                raise self.error("where(cond, a, b): cond may not itself contain where(...); compare a "
+                                 "defined symbol instead, or move the where outside", tok)
             for a in args[1:]:
                 self._arith(a, "where")
             for a in args:
@@ -353,7 +360,7 @@ class _Parser:
             decided = self._decide(args[0], tok)
             if decided is not None:  # a constant condition: SymPy's Piecewise fails on some
                 return args[1] if decided else args[2]
-            return builder(*args)
+            return self._number(builder(*args), tok, tok.pos)
         for a in args:
             self._arith(a, name)
         if name == "D":
@@ -362,11 +369,20 @@ class _Parser:
                 raise self.error("D(f, v): v must be a declared symbol or definition name", tok)
             return D(f, v)
         self._check_argument(name, args[0], tok)
-        return self._number(builder(*args), tok)
+        return self._number(builder(*args), tok, tok.pos)
 
     # -- constants -----------------------------------------------------------------------
-    def _number(self, node, tok):
-        """Refuse an exact number with more than MAX_DIGITS digits, and SymPy's undefined values."""
+    def _number(self, node, tok, start=None):
+        """Refuse an exact number with more than MAX_DIGITS digits, SymPy's undefined values,
+        and (given ``start``, where the text of ``node`` begins) a tree that SymPy's automatic
+        evaluation made much larger than its text: where(...) distributes over a power, so a
+        tower of them doubles per level; every later walk of such a tree is exponential."""
+        if start is not None and not node.is_Atom:
+            span = self.tokens[self.i].pos - start if self.i < len(self.tokens) else len(self.text) - start
+            size = _tree_size(node, self._sizes)
+            if size > _GROWTH * max(span, 1) + 64:
+                raise self.error(f"the expression grows too large when SymPy evaluates it ({size} nodes from "
+                                 f"{span} characters: where(...) copied into each case of a power?)", tok)
         if node.is_Number:
             if node.is_Rational:
                 if abs(node.p).bit_length() > _MAX_BITS or node.q.bit_length() > _MAX_BITS:
@@ -481,6 +497,19 @@ class _Parser:
     def _arith(self, node, op):
         if isinstance(node, sp.core.relational.Relational):
             raise self.error(f"a comparison cannot be used as an operand of {op!r}")
+
+
+#: nodes of a parsed tree per character of its text, at most (ordinary text: below 2)
+_GROWTH = 8
+
+
+def _tree_size(node, memo):
+    """Number of nodes of ``node`` as a tree (shared subtrees counted each time), memoised."""
+    hit = memo.get(node)
+    if hit is None:
+        hit = 1 + sum(_tree_size(a, memo) for a in node.args)
+        memo[node] = hit
+    return hit
 
 
 def _short(text: str, width: int = 40) -> str:

@@ -111,7 +111,10 @@ def _tex(expr, ctx):
     try:
         return sp.latex(expr, symbol_names=ctx.latex_names) if ctx.latex_names else sp.latex(expr)
     except Exception:  # printing must never sink a report
-        return str(expr)
+        try:
+            return str(expr)
+        except Exception:
+            return "(cannot be printed)"
 
 
 def _used_domains(deriv):
@@ -234,6 +237,8 @@ class Verifier:
                         check.instances[name] = f"{agree} points agree"
         except StrategyTimeout:
             check.instances["time limit"] = "instances not all checked"
+        except (MemoryError, RecursionError, OverflowError) as exc:  # a verdict, never a traceback
+            check.instances["error"] = f"instances not all checked: {type(exc).__name__}"
 
     def _chain(self, fname, deriv, chain, prover, report, n_err, path=""):
         ctx = deriv.context

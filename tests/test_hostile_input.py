@@ -366,3 +366,31 @@ def test_quiet_prints_only_failures_and_the_summary(tmp_path):
     assert "seed" not in quiet
     ok = render_text(verify_paths([good]), quiet=True)
     assert ok.splitlines() == [ok.splitlines()[0], "result: OK"] and ok.startswith("1 checks: 1 proved")
+
+
+# ------------------------------------------------------------------------------------------
+# backstops: nesting depth, and the time one expression may take
+
+NESTED_ABS = "+".join("abs(x - " * 30 + str(k) + ")" * 30 for k in range(1, 6))  # polynomial, but seconds
+
+
+def test_nesting_is_limited_below_what_sympy_can_print():
+    deep = "abs(x - " * 40 + "1" + ")" * 40  # SymPy's printers overflow the stack near 95 levels
+    with pytest.raises(ParseError, match=f"nested deeper than {parser.MAX_DEPTH} levels"):
+        parse_expression(deep, {"x": parser.sp.Symbol("x", real=True)})
+
+
+def test_one_slow_expression_is_stopped_by_the_backstop(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(loader, "PARSE_SECONDS", 0.05)
+    t0 = time.monotonic()
+    err = _exit_2(_file(tmp_path, NESTED_ABS), capsys)
+    assert time.monotonic() - t0 < 30
+    assert "h.toml:9 [derivation 'd1', chain 'c1', line 1]" in err and "took more than 0.05 s to parse" in err
+
+
+def test_one_slow_expression_is_stopped_by_the_timeout(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(loader, "PARSE_SECONDS", None)
+    t0 = time.monotonic()
+    err = _exit_2(_file(tmp_path, NESTED_ABS), capsys, "--timeout", "0.3")
+    assert time.monotonic() - t0 < 30
+    assert "ran past the time limit (--timeout)" in err
