@@ -1,7 +1,8 @@
 """derive: verify hand-written gradient derivations with SymPy and generate kernels from them.
 
-The loss functions (``sigmoid_focal_loss`` and friends) live in :mod:`derive.losses` and are
-re-exported here lazily, so that ``import derive`` stays cheap for kernel users.
+The loss functions (``sigmoid_focal_loss`` and friends, each documented: ``help(derive.sigmoid_focal_loss)``)
+live in :mod:`derive.losses` and are re-exported here lazily, so that ``import derive`` stays cheap
+for users of the verifier alone.  ``derive.__all__`` is :data:`derive.losses.__all__` and the version.
 """
 from __future__ import annotations
 
@@ -9,28 +10,18 @@ __version__ = "0.1.0"
 
 _LAZY_MODULES = ("losses",)
 
-#: The public API: the loss functions (each documented: ``help(derive.sigmoid_focal_loss)``).
-__all__ = [
-    "sigmoid_cross_entropy",
-    "binary_cross_entropy_with_logits",
-    "binary_focal_loss",
-    "sigmoid_focal_loss",
-    "focal_loss_star",
-    "softmax_cross_entropy",
-    "softmax_focal_loss",
-    "available_backends",
-    "CBackendUnavailableWarning",
-    "__version__",
-]
+
+def _public() -> list:
+    from . import losses
+
+    return [*losses.__all__, "__version__"]
 
 
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
-
-
-def __getattr__(name):  # PEP 562: lazy re-export of the kernel API
+def __getattr__(name):  # PEP 562: lazy re-export of the kernel API (and of __all__, for `import *`)
     import importlib
 
+    if name == "__all__":
+        return _public()
     for mod in _LAZY_MODULES:
         try:
             module = importlib.import_module(f"derive.{mod}")
@@ -39,3 +30,7 @@ def __getattr__(name):  # PEP 562: lazy re-export of the kernel API
         if hasattr(module, name):
             return getattr(module, name)
     raise AttributeError(f"module 'derive' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_public()))
