@@ -200,12 +200,6 @@ def _prepare_numeric(expr):
     return rewrite_elementary(expr)
 
 
-def _mp(value):
-    if isinstance(value, sp.Rational):
-        return mpmath.mpf(int(value.p)) / int(value.q)
-    return mpmath.mpf(value)
-
-
 _IV = mpmath.iv
 
 
@@ -387,20 +381,19 @@ class _Eval:
         raise _Invalid(f"cannot evaluate condition {cond}")
 
     def _interval_truth(self, cond):
-        if True:
-            al, ah = _ends(self.walk(cond.lhs))
-            bl, bh = _ends(self.walk(cond.rhs))
-            if isinstance(cond, (sp.Eq, sp.Ne)):
-                eq = True if (al == ah == bl == bh) else (False if ah < bl or bh < al else None)
-                return eq if eq is None or isinstance(cond, sp.Eq) else not eq
-            if isinstance(cond, (sp.StrictGreaterThan, sp.GreaterThan)):
-                al, ah, bl, bh = bl, bh, al, ah  # a > b is b < a
-            strict = isinstance(cond, (sp.StrictLessThan, sp.StrictGreaterThan))
-            if (ah < bl) if strict else (ah <= bl):
-                return True
-            if (al >= bh) if strict else (al > bh):
-                return False
-            return None
+        al, ah = _ends(self.walk(cond.lhs))
+        bl, bh = _ends(self.walk(cond.rhs))
+        if isinstance(cond, (sp.Eq, sp.Ne)):
+            eq = True if (al == ah == bl == bh) else (False if ah < bl or bh < al else None)
+            return eq if eq is None or isinstance(cond, sp.Eq) else not eq
+        if isinstance(cond, (sp.StrictGreaterThan, sp.GreaterThan)):
+            al, ah, bl, bh = bl, bh, al, ah  # a > b is b < a
+        strict = isinstance(cond, (sp.StrictLessThan, sp.StrictGreaterThan))
+        if (ah < bl) if strict else (ah <= bl):
+            return True
+        if (al >= bh) if strict else (al > bh):
+            return False
+        return None
 
 
 def _ieval(prepared, point, dps):
