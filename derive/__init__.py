@@ -4,7 +4,6 @@ The loss functions (``sigmoid_focal_loss`` and friends, each documented: ``help(
 live in :mod:`derive.losses` and are re-exported here lazily, so that ``import derive`` stays cheap
 for users of the verifier alone.  ``derive.__all__`` is :data:`derive.losses.__all__` and the version.
 """
-from __future__ import annotations
 
 __version__ = "0.1.0"
 

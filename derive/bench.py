@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def bench_verify(runs: int = 3) -> dict:
@@ -38,12 +39,22 @@ def bench_verify(runs: int = 3) -> dict:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="derive bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="derive bench",
+        description="Time the kernels (forward + backward per element) beside the bandwidth floor, NumPy, "
+                    "PyTorch and JAX in one run, and the verifier cold; figures, not assertions.")
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and JAX even when installed")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, figures meaningless)")
     parser.add_argument("--kernels-only", action="store_true", help="skip the verification timing")
-    parser.add_argument("--json", default="out/bench-kernels.json", help="where to write the kernel results")
+    parser.add_argument("--json", default="out/bench-kernels.json", type=Path,
+                        help="where to write the kernel results (default: out/bench-kernels.json)")
     args = parser.parse_args(argv)
+    try:  # before minutes of measuring: the results must have somewhere to go
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        if args.json.is_dir() or not os.access(args.json.parent, os.W_OK):
+            raise OSError("not a writable file path")
+    except OSError as exc:
+        parser.error(f"--json {args.json}: cannot write there ({exc.strerror or exc})")
     from . import bench_kernels
 
     kw = {"peers": not args.no_peers}
@@ -54,7 +65,7 @@ def main(argv=None) -> int:
         return 0
     print()
     print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
-    res = bench_verify()
+    res = bench_verify(runs=1 if args.quick else 3)
     print(f"{'derive verify (cold, fresh process)':<40} {'median s':>9} {'min s':>7} {'checks':>7} {'in-process s':>13}")
     for label, r in res.items():
         print(f"{label:<40} {r['median_s']:9.2f} {r['min_s']:7.2f} {r['checks']:7d} {r['in_process_s']:13.2f}")

@@ -65,15 +65,28 @@ def _strategies(text):
     return keys
 
 
-def build_parser():
-    from .prover import STRATEGIES
+VERIFY_HELP = "check every step of derivation files (default: the shipped ones)"
+VERSION = f"derive {__version__} ({DIST_NAME})"
 
+
+def build_parser():
+    """The top-level parser: the commands (each parses its own options) and --version."""
     p = _Parser(prog="derive", description="Verify gradient derivations step by step and generate kernels from them.",
                 epilog="Run `derive COMMAND --help` for a command's options.")
-    p.add_argument("--version", action="version", version=f"derive {__version__} ({DIST_NAME})")
+    p.add_argument("--version", action="version", version=VERSION)
     sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
-    v = sub.add_parser("verify", help="check every step of derivation files (default: the shipped ones)",
-                       description="Check every step of derivation files: proved, or refuted with a counterexample.")
+    sub.add_parser("verify", help=VERIFY_HELP, add_help=False)
+    for name, (_, text) in FORWARDED.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return p
+
+
+def build_verify_parser():
+    from .prover import STRATEGIES
+
+    v = _Parser(prog="derive verify",
+                description="Check every step of derivation files: proved, or refuted with a counterexample. "
+                            "Exit 0: all proved (or recorded errata); 1: a failure; 2: a malformed file or bad arguments.")
     v.add_argument("files", nargs="*", metavar="FILE",
                    help="derivation files (TOML); '-' reads one from standard input; none: the files shipped with derive")
     v.add_argument("--json", action="store_true", help="print a machine-readable report")
@@ -89,9 +102,7 @@ def build_parser():
     v.add_argument("--strategies", type=_strategies, default=None, metavar="LIST",
                    help="comma-separated proof strategies to try, of: " + ", ".join(STRATEGIES))
     v.add_argument("-v", "--verbose", action="store_true", help="show strategies tried and K instances")
-    for name, (_, text) in FORWARDED.items():
-        sub.add_parser(name, help=text, add_help=False)
-    return p
+    return v
 
 
 class _Progress:
@@ -170,14 +181,17 @@ def main(argv=None) -> int:
         print("derive: error: a command is required (verify, codegen, docs, accuracy, bench); "
               "`derive --help` lists them", file=sys.stderr)
         return 2
+    if argv == ["--version"]:  # without importing SymPy
+        print(VERSION)
+        return 0
     if argv[0] in FORWARDED:  # these parse their own options (--out, --check, --quick ...)
         import importlib
 
         module = importlib.import_module(FORWARDED[argv[0]][0])
         return module.main(argv[1:])
-    args = build_parser().parse_args(argv)
-    if args.command == "verify":
-        return _verify(args)
+    if argv[0] == "verify":
+        return _verify(build_verify_parser().parse_args(argv[1:]))
+    build_parser().parse_args(argv)  # --help, or an error naming the unknown command (exit 2)
     build_parser().print_usage(sys.stderr)
     return 2
 

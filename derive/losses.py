@@ -115,7 +115,7 @@ def _binary_labels(targets, x, name="targets", backend="numpy"):
         chunk = flat[lo:lo + _LABEL_CHUNK]
         ok = (chunk == 0) | (chunk == 1)
         if not ok.all():
-            raise ValueError(f"{name} must hold labels 0 or 1, found {chunk[~ok][0]!r}")
+            raise ValueError(f"{name} must hold labels 0 or 1, found {chunk[~ok][0].item()!r}")
     return np.ascontiguousarray(arr, dtype=x.dtype)
 
 
@@ -384,7 +384,7 @@ def _call_elementwise(name, x, t, params, backend, want_grad, threads=0, out=(No
                                               _ptr(loss, ct), _ptr(grad, ct))
     if rc == _ELABEL:
         first = getattr(lib, f"derive_first_bad_label_{dt}")(flat_t.size, _ptr(flat_t, ct))
-        raise ValueError(f"targets must hold labels 0 or 1, found {flat_t[first]!r}")
+        raise ValueError(f"targets must hold labels 0 or 1, found {flat_t[first].item()!r}")
     if rc != 0:
         raise ValueError(f"the C kernel {name} rejected its arguments (code {rc})")
     loss = out_loss if out_loss is not None else loss.reshape(x.shape)
@@ -497,9 +497,9 @@ def binary_focal_loss(inputs: ArrayLike, targets: ArrayLike, gamma: float = 2.0,
 @_document("""``torchvision.ops.sigmoid_focal_loss``: alpha_t (1 - p_t)^gamma CE(x, t), p_t = sigmoid(x_t).""",
            """\
 alpha : float, default 0.25
-    Weight of the positives, in (0, 1]; alpha_t = alpha for t = 1 and 1 - alpha for t = 0.
+    Weight of the positives, in [0, 1]; alpha_t = alpha for t = 1 and 1 - alpha for t = 0.
     A negative alpha means no weighting (alpha_t = 1), as in torchvision.
-""" + _DOC_GAMMA, value_errors="alpha = 0 or alpha > 1, gamma < 0, or either not finite",
+""" + _DOC_GAMMA, value_errors="alpha > 1, gamma < 0, or either not finite",
            notes=_SIGMOID_NOTES + "\n\nThe signature, defaults and results are torchvision's (and Detectron's).",
            examples="""\
 >>> import numpy as np, derive
@@ -621,8 +621,8 @@ def softmax_cross_entropy(inputs: ArrayLike, targets: ArrayLike, ignore_index: i
 @_document("""Softmax focal loss -alpha_t (1 - p_t)^gamma log p_t per row, p = softmax(x) over the K classes.""",
            """\
 alpha : None, float or array_like of shape (K,), default None
-    None: no weighting (alpha_t = 1); a float in (0, 1]: the same weight for every class; an
-    array: one weight per class (alpha_t = alpha[t]), each in (0, 1].
+    None: no weighting (alpha_t = 1); a float in [0, 1]: the same weight for every class; an
+    array: one weight per class (alpha_t = alpha[t]), each in [0, 1].
 """ + _DOC_GAMMA, kind="softmax", value_errors="alpha or gamma out of range or not finite; alpha of the wrong shape",
            notes=_SOFTMAX_NOTES + "  (1 - p_t)^gamma is evaluated in log space where gamma is not an integer.")
 def softmax_focal_loss(inputs: ArrayLike, targets: ArrayLike, alpha: Union[None, float, Sequence[float], np.ndarray] = None,
@@ -647,7 +647,7 @@ def softmax_focal_loss(inputs: ArrayLike, targets: ArrayLike, alpha: Union[None,
         dom = info["domains"]["alpha"]
         ok = np.isfinite(arr) & np.array([_in_domain(float(a), dom) for a in arr.ravel()], dtype=bool)
         if not np.all(ok):
-            raise ValueError(f"alpha must be {_describe(dom)} for every class, found {arr[~ok][0]!r}")
+            raise ValueError(f"alpha must be {_describe(dom)} for every class, found {arr[~ok][0].item()!r}")
         alpha_vec = np.ascontiguousarray(arr, dtype=x_dtype if x_dtype in _DTYPES else np.float64)
         alpha = 1.0
     return _rowwise("softmax_focal", inputs, targets, alpha_vec, (alpha, gamma), ignore_index, reduction, backend,

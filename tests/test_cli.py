@@ -53,10 +53,14 @@ def test_no_arguments_prints_usage_on_stderr_and_exits_2(capsys):
 
 
 def test_version(capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["--version"])
-    assert exc.value.code == 0
+    assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"derive {__version__} (derive-gradients)"
+    proc = _derive("--version")  # from a fresh process: without importing SymPy
+    assert proc.returncode == 0 and proc.stdout.strip() == f"derive {__version__} (derive-gradients)"
+    proc = subprocess.run([sys.executable, "-c", "import sys; from derive import cli; cli.main(['--version']); "
+                           "print('sympy' in sys.modules)"], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.stdout.split()[-1] == "False"
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -148,3 +152,33 @@ def test_progress_line_on_a_terminal_and_none_on_a_pipe(tmp_path):
     assert "result: OK" in out and "\r" not in out  # the report itself goes to stdout, unchanged
     piped = _derive("verify", str(f))
     assert "of 2)" not in piped.stderr and piped.returncode == 0
+
+
+def test_verify_options_are_verify_s_own(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["verify", "--bogus", "x.toml"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("usage: derive verify") and "--bogus" in err
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    t0 = time.monotonic()
+    for args, needle in ((("codegen", "--out", str(afile)), "is a file, not a folder"),
+                         (("docs", "--out", str(afile)), "is a file"),
+                         (("docs", "--out", str(theirs)), "not written by derive docs"),
+                         (("bench", "--json", str(afile / "x.json")), "cannot write there")):
+        proc = _derive(*args)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    assert time.monotonic() - t0 < 60, "an output path was checked only after the work"
+    assert (theirs / "notes.txt").read_text() == "mine" and afile.read_text() == "not a folder"
+
+
+def test_codegen_check_names_missing_files_and_the_command_to_run(tmp_path):
+    proc = _derive("codegen", "--check", "--out", str(tmp_path / "gen"))
+    assert proc.returncode == 1
+    assert "focal_kernels.c is missing" in proc.stderr and f"derive codegen --out {tmp_path / 'gen'}" in proc.stderr

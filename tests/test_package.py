@@ -120,7 +120,7 @@ def test_the_sdist_holds_what_a_rebuild_needs(dist):
                 "templates/docs/md/index.md.j2", "generated/focal_kernels.c", "generated/focal_kernels.h",
                 "generated/focal_kernels.py", "derive/derivations/focal_loss_note.toml",
                 "derive/derivations/stable_forms.toml", "derive/derivations/focal_loss_gradients.md",
-                "derive/resources.py", "derive/py.typed", "tests/test_package.py"):
+                "derive/resources.py", "derive/py.typed", "tests/test_package.py", "docs/README.md"):
         assert rel in names, f"{rel} missing from the sdist"
 
 

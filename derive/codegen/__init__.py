@@ -201,17 +201,25 @@ def check_all(out_dir: Path = GENERATED_DIR, **kw) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="derive codegen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="derive codegen",
+        description="Render the kernel templates into a folder: the NumPy module, the C source and its header, "
+                    "from the proved stable forms of derive/derivations/stable_forms.toml.")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="output folder (default: ./generated in the current folder)")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if the output folder differs from a fresh rendering")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        print(f"derive codegen: --out {args.out} is a file, not a folder", file=sys.stderr)
+        return 2
+    again = "derive codegen" + ("" if args.out == DEFAULT_OUT else f" --out {args.out}")
     try:
         if args.check:
             stale = check_all(args.out)
             for name in stale:
-                print(f"{_shown(args.out / name)} is out of date: run `derive codegen` (`make codegen`)",
+                why = "is out of date" if (args.out / name).exists() else "is missing"
+                print(f"{_shown(args.out / name)} {why}: run `{again}` (in a checkout: `make codegen`)",
                       file=sys.stderr)
             if not stale:
                 print(f"{_shown(args.out)}: up to date")

@@ -167,12 +167,20 @@ def compare(files: dict, out_dir: Path) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="derive docs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="derive docs",
+        description="Write the documentation of every step (Markdown and offline HTML, with plots) from one run "
+                    "of the verifier on the shipped derivation files.")
     parser.add_argument("--out", type=Path, default=DOCS_DIR, help="output folder (default: ./docs in the current folder)")
     parser.add_argument("--check", action="store_true",
                         help="build in memory and compare with --out byte for byte; exit 1 on any difference")
     parser.add_argument("--no-plots", action="store_true", help="pages only (the images are neither made nor checked)")
     args = parser.parse_args(argv)
+    if not args.check and not is_docs_dir(args.out):  # before any work: refuse a folder we did not write
+        what = "a file" if args.out.exists() and not args.out.is_dir() else "a folder not written by derive docs"
+        print(f"derive docs: --out {args.out} is {what} (no generated README.md); not writing into it",
+              file=sys.stderr)
+        return 2
     try:
         from ..verify import builtin_files, verify_paths
 
