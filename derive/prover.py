@@ -235,6 +235,7 @@ class _Eval:
     def __init__(self, env, exact=None):
         self.env = env
         self.exact = exact  # the point as SymPy rationals, for conditions at a threshold
+        self.taken = set()  # (piecewise node, branch index) taken at this point
         self.memo = {}
         self.max_mag = None
         self.min_mag = None
@@ -295,11 +296,12 @@ class _Eval:
         if isinstance(e, sp.Abs):
             return abs(w(e.args[0]))
         if isinstance(e, sp.Piecewise):
-            for value, cond in e.args:
+            for i, (value, cond) in enumerate(e.args):
                 t = self.truth(cond)
                 if t is None:
                     raise _Undecided("a where() condition is at its threshold")
                 if t:
+                    self.taken.add((e, i))
                     return w(value)
             raise _Invalid("no branch of a piecewise expression applies")
         if e is sp.pi:
@@ -448,6 +450,7 @@ class PointResult:
     lhs: object = None
     rhs: object = None
     dps: int = DPS
+    taken: frozenset = frozenset()  # where() branches taken at the point
 
 
 def _tight(v, dps):
@@ -507,12 +510,12 @@ def compare_at(pl, pr, point, dps=DPS, max_dps=MAX_DPS) -> PointResult:
         width = max(lh - rl, rh - ll)
         if width == 0 or min_mag is None:
             if width == 0:
-                return PointResult("agree", lhs=L, rhs=R, dps=P)
+                return PointResult("agree", lhs=L, rhs=R, dps=P, taken=frozenset(el.taken | er.taken))
             tol = mpmath.mpf(10) ** (-AGREE_DIGITS)
         else:
             tol = mpmath.mpf(2) ** min_mag * mpmath.mpf(10) ** (-AGREE_DIGITS)
         if width <= tol:
-            return PointResult("agree", lhs=L, rhs=R, dps=P)
+            return PointResult("agree", lhs=L, rhs=R, dps=P, taken=frozenset(el.taken | er.taken))
         extra = int(mpmath.log10(width / tol)) + 10
         if P >= max_dps or extra < 1:
             return PointResult("undecided", "the enclosures stay too wide", dps=P)
@@ -638,6 +641,14 @@ class Scan:
     dropped: dict = field(default_factory=dict)  # reason -> count
     total: int = 0
     dps: int = DPS  # the precision at which the counterexample was found
+    taken: set = field(default_factory=set)  # where() branches taken at agreeing points
+
+    def untaken(self):
+        """Conditions of where() branches that no agreeing point took: the numbers say
+        nothing about those branches (x^3 == 2 is met by no rational point)."""
+        nodes = {e for e, _ in self.taken}
+        return sorted({str(c) for e in nodes for i, (_, c) in enumerate(e.args)
+                       if (e, i) not in self.taken and c is not sp.false})
 
     @property
     def n_dropped(self):
@@ -843,6 +854,7 @@ class Prover:
                 res = PointResult("undecided", f"{type(exc).__name__} in the evaluator")
             if res.kind == "agree":
                 scan.agree += 1
+                scan.taken |= res.taken
             else:
                 why = res.reason if res.kind == "invalid" else f"undecided: {res.reason}"
                 scan.dropped[why] = scan.dropped.get(why, 0) + 1
@@ -1074,6 +1086,11 @@ class Prover:
         if scan.too_many_dropped():
             return Verdict(UNPROVED, "numeric check inconclusive", seconds=time.monotonic() - t0, tried=tried,
                            detail=f"{drops}: too many to confirm; " + "; ".join(tried))
+        untaken = scan.untaken()
+        if untaken:
+            return Verdict(UNPROVED, "numeric check inconclusive", seconds=time.monotonic() - t0, tried=tried,
+                           detail=f"no sample point takes the where() branch for {', '.join(untaken)[:200]}; "
+                                  + "; ".join(tried))
         method = f"mpmath at {DPS} digits, seed {self.seed}: " + ", ".join(notes)
         if drops:
             method += f" ({drops})"
@@ -1098,7 +1115,7 @@ class Prover:
         P = DPS
         while True:
             try:
-                V, _ = _ieval(prep, pt, P)
+                V, ev = _ieval(prep, pt, P)
             except _Invalid as exc:
                 return "invalid", str(exc)
             except _Undecided as exc:
@@ -1109,6 +1126,7 @@ class Prover:
             lo, hi = _ends(V)
             where = dom.locate(lo, hi)
             if where is True:
+                self._taken = ev.taken
                 return "inside", ""
             if where is False:
                 with mpmath.workdps(P + 10):
@@ -1225,6 +1243,8 @@ class Prover:
                     return self._outside(expr, dom, text, pt, t0)
                 if where == "inside":
                     scan.agree += 1
+                    scan.taken |= getattr(self, "_taken", set())
+                    self._taken = set()
                 else:
                     why = text if where == "invalid" else f"undecided: {text}"
                     scan.dropped[why] = scan.dropped.get(why, 0) + 1
@@ -1232,5 +1252,8 @@ class Prover:
         if scan.agree == 0 or scan.too_many_dropped():
             return Verdict(UNPROVED, "numeric check inconclusive", seconds=time.monotonic() - t0,
                            detail=drops or "no valid sample point")
+        if scan.untaken():
+            return Verdict(UNPROVED, "numeric check inconclusive", seconds=time.monotonic() - t0,
+                           detail=f"no sample point takes the where() branch for {', '.join(scan.untaken())[:200]}")
         return Verdict(CONFIRMED, f"{scan.agree} sample points inside the domain" + (f" ({drops})" if drops else ""),
                        seconds=time.monotonic() - t0)

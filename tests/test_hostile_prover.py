@@ -85,6 +85,17 @@ def test_unproved_finite_domain_where_no_sample_can_refute(tmp_path):
     assert r.exit_code() == 1
 
 
+def test_a_where_branch_no_sample_takes_is_never_confirmed(tmp_path):
+    """q = 1 is false at x = 2^(1/3); no rational point meets x^3 == 2, so the numbers say
+    nothing about that branch: --allow-numeric must not accept the step."""
+    r = run(tmp_path, _file({"x": "real"}, ["q", "1"], {"q": ("where(x^3 == 2, 5, 1)", "{1}")}),
+            allow_numeric=True)
+    for c in (step(r), domain(r, "q")):
+        assert c.verdict.status == UNPROVED, c.verdict
+        assert "where() branch" in c.verdict.detail and "Eq(x**3, 2)" in c.verdict.detail
+    assert r.exit_code() == 1
+
+
 def test_q_times_x_with_a_wrong_finite_domain(tmp_path):
     r = run(tmp_path, _file({"x": "real"}, ["q*x", "x"], {"q": ("where(x <= 100, 1, 2)", "{1}")}))
     s = step(r)
