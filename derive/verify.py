@@ -326,6 +326,10 @@ class Verifier:
         return n_err
 
 
+#: the least time loading is given under a --timeout (an ordinary file loads in a fraction of it)
+LOAD_FLOOR_SECONDS = 2.0
+
+
 def _source_name(src):
     if isinstance(src, TextSource):
         return src.name
@@ -341,7 +345,9 @@ def verify_paths(paths, *, seed=DEFAULT_SEED, step_timeout=4.0, timeout=None, al
     ``paths``: file paths, or derivations given as text: ``loader.TextSource(name, data)`` or a
     ``(name, data)`` pair, ``data`` the bytes or text (e.g. standard input, name "<stdin>"),
     under the same size limit as a file.  A file given twice (the same resolved path) is
-    verified once.  ``timeout`` bounds loading and verifying together.
+    verified once.  ``timeout`` bounds loading and verifying together; loading is given at
+    least LOAD_FLOOR_SECONDS, so that a tiny timeout still reads an ordinary file (its steps
+    are then unproved) while a file that would take longer to load is a clear error (exit 2).
 
     ``progress``: called as ``progress(file, derivation_id, n, total)`` just before each check
     starts, n = 1, 2, ... total, where ``total`` is the number of checks of the whole run (all
@@ -354,12 +360,13 @@ def verify_paths(paths, *, seed=DEFAULT_SEED, step_timeout=4.0, timeout=None, al
     report = Report(seed=seed, allow_numeric=allow_numeric)
     verifier = Verifier(seed, step_timeout, timeout, allow_numeric, strategies, progress=progress)
     files, seen = [], set()
+    load_deadline = None if verifier.deadline is None else max(verifier.deadline, t0 + LOAD_FLOOR_SECONDS)
     for p in paths:
         name = _source_name(p)
         try:
             if isinstance(p, (TextSource, tuple)):
                 data = p.data if isinstance(p, TextSource) else p[1]
-                df = load_text(data, name, deadline=verifier.deadline)
+                df = load_text(data, name, deadline=load_deadline)
                 key = ("text", len(files))
             else:
                 try:
@@ -368,7 +375,7 @@ def verify_paths(paths, *, seed=DEFAULT_SEED, step_timeout=4.0, timeout=None, al
                     key = ("file", str(p))
                 if key in seen:
                     continue
-                df = load_file(p, deadline=verifier.deadline)
+                df = load_file(p, deadline=load_deadline)
             seen.add(key)
             files.append((str(name), df))
         except DerivationFileError as exc:
