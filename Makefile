@@ -37,6 +37,11 @@ docs: $(STAMP)
 # the property-based fuzz of the parser, loader and verifier, with many more examples than `make test`
 fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-3000} $(PY) -m pytest -q tests/test_fuzz_files.py
+	@# coverage-guided (atheris) fuzz of the parser and loader; an input slower than 3 s is a finding
+	$(PY) -m pip install --quiet -e '.[fuzz]'
+	mkdir -p out/fuzz
+	$(PY) tests/fuzz_atheris.py -atheris_runs=$${FUZZ_RUNS:-1000000} -max_total_time=$${FUZZ_SECONDS:-300} \
+	    -input_timeout=3 -artifact_prefix=out/fuzz/
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -158,7 +158,7 @@ def test_bad_labels_are_named(backend, dtype):
             t[pos] = bad
             with pytest.raises(ValueError, match="targets must hold labels 0 or 1, found") as err:
                 fn(x, t, backend=backend, **kw)
-            assert str(err.value).endswith(repr(t[pos])), (err.value, pos)  # the bad one, named
+            assert str(err.value).endswith(repr(t[pos].item())), (err.value, pos)  # the bad one, named, as a plain number
             with pytest.raises(ValueError, match="labels 0 or 1"):
                 fn(x, t, backend=backend, out=(np.empty_like(x), np.empty_like(x)), **kw)
 
