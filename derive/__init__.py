@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("losses",)
+_LAZY_MODULES = ("losses", "kernel_files")
 
 
 def _public() -> list:

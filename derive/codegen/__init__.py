@@ -158,9 +158,10 @@ def _kernel_model(prep, file):
     return model
 
 
-def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR, file=None) -> dict:
+def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR, file=None, module=None) -> dict:
     """Render every output of one derivation file's kernels; returns {file name: text}.
-    ``file``: the file already loaded (from ``derivations``)."""
+    ``file``: the file already loaded (from ``derivations``); ``module``: the name of the
+    outputs instead of the file's (``derive.load`` uses the names :mod:`derive.cbuild` loads)."""
     import jinja2
     import sympy
 
@@ -168,7 +169,7 @@ def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR,
 
     derivations = Path(derivations) if derivations is not None else _k.STABLE_FORMS
     file, preps = _k.load_kernels(derivations, file=file)
-    module = module_name(file)
+    module = module or module_name(file)
     template_paths = [templates / t for t in TEMPLATES.values()]
     digest = _digest([derivations, *template_paths])
     models = [_kernel_model(p, file) for p in preps]
