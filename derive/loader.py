@@ -858,7 +858,7 @@ def _load_kernel(rk, name, contexts, exports, export_from, path, loc, k_line):
         sym = ctx.names.get(p)
         if sym is None or sym in ctx.definitions:
             raise kerr(f"params: {_q(p)} is not a symbol of derivation {did!r} (its symbols: "
-                       f"{', '.join(sorted(s.name for s in ctx.base_symbols()))})", "params")
+                       f"{', '.join(sorted(s.name for s in ctx.base_symbols))})", "params")
         if p in fixed:
             raise kerr(f"params: {p!r} is supplied by the {layout} template, not a parameter", "params")
         domains[p] = ctx.domains[sym]
