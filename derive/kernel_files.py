@@ -207,6 +207,10 @@ def load(path, *, step_timeout: float = 4.0, timeout: float | None = None) -> Lo
     f = load_file(path)
     if not f.kernels:
         raise DerivationFileError(f.path, "declares no [[kernel]]: nothing to load")
+    for k in f.kernels:
+        if hasattr(LoadedKernels, k.name) or k.name.startswith("_"):
+            raise DerivationFileError(f.path, f"the name {k.name!r} is taken by the loaded object's own attributes "
+                                      "(or starts with '_'): rename the kernel", kernel=k.name, lineno=k.lineno)
     _check_proved(f, step_timeout, timeout)
     module = Path(cbuild.SOURCE).stem  # the names cbuild compiles and imports
     texts = render_all(path, file=f, module=module)

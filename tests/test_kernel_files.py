@@ -168,7 +168,10 @@ def test_a_new_loss_file_goes_through_verify_codegen_compile_and_both_backends(l
                               "-o", str(tmp_path / "libscaled.so"), "-lm"], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
 
-    kernels = kernel_files.load(loss_file)
+    import derive
+
+    assert derive.load is kernel_files.load
+    kernels = derive.load(loss_file)
     assert kernels.kernel_names == ["scaled_ce", "scaled_softmax_ce"]
     assert kernels.generated.parent.parent == cache and kernels.generated.parent.name == "kernel-sources"
     backends = ["numpy", "c"] if _has_compiler() else ["numpy"]
@@ -330,6 +333,13 @@ def test_a_file_without_kernels_has_nothing_to_generate(tmp_path, capsys):
     assert codegen_main([str(path), "--out", str(tmp_path / "out")]) == 2
     assert "declares no [[kernel]]" in capsys.readouterr().err
     with pytest.raises(DerivationFileError, match="declares no"):
+        kernel_files.load(path)
+
+
+def test_a_kernel_name_the_loaded_object_uses_is_refused(tmp_path, cache):
+    path = tmp_path / "clash.toml"
+    path.write_text(_swap('name = "scaled_ce"', 'name = "available_backends"'))
+    with pytest.raises(DerivationFileError, match="kernel 'available_backends'.*rename the kernel"):
         kernel_files.load(path)
 
 
