@@ -4,7 +4,8 @@ The kernels are the ``[[kernel]]`` tables of a derivation file: by default
 ``derive/derivations/stable_forms.toml`` (written to ``generated/focal_kernels.*``), or the
 files named on the command line (``derive codegen my_loss.toml --out DIR`` writes
 ``DIR/<module>.py``, ``.c`` and ``.h``, ``<module>`` being the file's ``[file] module`` or
-its stem).  Their expressions (loaded and resolved by :mod:`derive.loader`) are reduced by one common-subexpression elimination per kernel and
+its stem).  Their expressions (loaded and resolved by :mod:`derive.loader`) are reduced
+by one common-subexpression elimination per kernel and
 printed by SymPy's C99 and NumPy printers (:mod:`derive.codegen.printers`).  The templates
 only supply the loops, the helpers (sigmoid, softplus, xexpm1inv, error-free transforms)
 and the row reduction of the softmax kernels.
@@ -271,4 +272,5 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["main", "render_all", "write_all", "check_all", "module_name", "output_names", "OUTPUTS", "TEMPLATES", "GENERATED_DIR", "TEMPLATES_DIR", "DEFAULT_OUT"]
+__all__ = ["main", "render_all", "write_all", "check_all", "module_name", "output_names", "OUTPUTS", "TEMPLATES",
+           "SHIPPED_MODULE", "GENERATED_DIR", "TEMPLATES_DIR", "DEFAULT_OUT"]
