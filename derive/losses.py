@@ -61,19 +61,6 @@ Outputs = Optional[Tuple[np.ndarray, Optional[np.ndarray]]]
 LossValue = Union[np.ndarray, np.floating]
 LossResult = Union[LossValue, Tuple[LossValue, np.ndarray]]
 
-__all__ = [
-    "sigmoid_cross_entropy",
-    "binary_cross_entropy_with_logits",
-    "binary_focal_loss",
-    "sigmoid_focal_loss",
-    "focal_loss_star",
-    "softmax_cross_entropy",
-    "softmax_focal_loss",
-    "available_backends",
-    "CBackendUnavailableWarning",
-    "MAX_THREADS",
-]
-
 #: The most threads a call may ask for (``DERIVE_MAX_THREADS`` of generated/focal_kernels.h).
 MAX_THREADS = 256
 
@@ -319,6 +306,10 @@ Notes
 {notes}"""
 
 
+#: the public loss functions, in the order they are defined (each registered by _document)
+_PUBLIC_LOSSES: list = []
+
+
 def _document(summary, params="", *, kind="elementwise", reduction="none", value_errors="", notes="",
               examples=""):
     """Give a public loss function its numpydoc docstring (one source for the shared sections)."""
@@ -344,6 +335,7 @@ def _document(summary, params="", *, kind="elementwise", reduction="none", value
 
     def apply(fn):
         fn.__doc__ = doc
+        _PUBLIC_LOSSES.append(fn.__name__)
         return fn
 
     return apply
@@ -674,3 +666,7 @@ def softmax_focal_loss(inputs: ArrayLike, targets: ArrayLike, alpha: Union[None,
                        out: Outputs = None) -> LossResult:
     return _rowwise("softmax_focal", inputs, targets, {"alpha": alpha, "gamma": gamma}, ignore_index, reduction,
                     backend, return_grad, threads, out)
+
+
+# the losses defined above (their definitions are the only list of them), then the rest of the API
+__all__ = [*_PUBLIC_LOSSES, "available_backends", "CBackendUnavailableWarning", "MAX_THREADS"]
