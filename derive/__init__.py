@@ -7,7 +7,7 @@ for users of the verifier alone.  ``derive.__all__`` is :data:`derive.losses.__a
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("losses",)
+_LAZY_MODULES = ("losses", "kernel_files")
 
 
 def _public() -> list:
@@ -18,9 +18,14 @@ def _public() -> list:
 
 def __getattr__(name):  # PEP 562: lazy re-export of the kernel API (and of __all__, for `import *`)
     import importlib
+    import importlib.util
 
     if name == "__all__":
         return _public()
+    if name.startswith("__") or importlib.util.find_spec(f"derive.{name}") is not None:
+        # dunders, and `from derive import cli`: a submodule is imported by the import system, not
+        # looked up in the (heavier) kernel modules
+        raise AttributeError(f"module 'derive' has no attribute {name!r}")
     for mod in _LAZY_MODULES:
         try:
             module = importlib.import_module(f"derive.{mod}")

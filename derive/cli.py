@@ -22,7 +22,7 @@ DIST_NAME = "derive-gradients"
 
 #: Subcommands whose modules parse their own options: ``derive NAME ...`` forwards the rest.
 FORWARDED = {
-    "codegen": ("derive.codegen", "render templates/ into ./generated (or --out DIR): NumPy module, C source, header"),
+    "codegen": ("derive.codegen", "generate the [[kernel]]s of stable_forms.toml or FILE... into ./generated or --out DIR"),
     "docs": ("derive.docs", "write the documentation of every step into ./docs (or --out DIR)"),
     "accuracy": ("derive.accuracy", "measure every kernel against mpmath references (--quick: a short run)"),
     "bench": ("derive.bench", "time the kernels beside NumPy, PyTorch and JAX, and the verifier"),

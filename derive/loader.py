@@ -68,8 +68,9 @@ class DerivationFileError(Exception):
     """A derivation file is malformed.  ``str()`` is the one-line message shown to users (its
     control and bidi characters escaped)."""
 
-    def __init__(self, path, message, derivation=None, chain=None, line=None, lineno=None):
+    def __init__(self, path, message, derivation=None, chain=None, line=None, lineno=None, kernel=None):
         self.path = str(path)
+        self.kernel = kernel
         self.derivation = derivation
         self.chain = chain
         self.line = line
@@ -77,6 +78,8 @@ class DerivationFileError(Exception):
         self.message = message
         where = self.path + (f":{lineno}" if lineno else "")
         parts = []
+        if kernel is not None:
+            parts.append(f"kernel {_q(kernel)}")
         if derivation is not None:
             parts.append(f"derivation {_q(derivation)}")
         if chain is not None:
@@ -172,6 +175,8 @@ class DerivationFile:
     derivations: list[Derivation]
     exports: dict  # export name -> final proved expression (corrected line if an erratum)
     export_derivation: dict  # export name -> (derivation id, chain id)
+    kernels: list = field(default_factory=list)  # [[kernel]] declarations (KernelDecl), in file order
+    module: str | None = None  # [file] module: the name of the generated files (default: the file's stem)
 
     @property
     def symbols(self):
@@ -367,7 +372,7 @@ def loads(text: str, path="<string>", deadline=None) -> DerivationFile:
     def err(message, **kw):
         return DerivationFileError(path, message, **kw)
 
-    allowed_top = {"file", "symbols", "definitions", "derivation"}
+    allowed_top = {"file", "symbols", "definitions", "derivation", "kernel"}
     for key in data:
         if key not in allowed_top:
             raise err(f"unknown top-level key {_q(key)} (allowed: {', '.join(sorted(allowed_top))})",
@@ -379,6 +384,14 @@ def loads(text: str, path="<string>", deadline=None) -> DerivationFile:
         raise err("[file] title must be a string")
     if source is not None and not isinstance(source, str):
         raise err("[file] source must be a string")
+    unknown = set(meta) - {"title", "source", "module"}
+    if unknown:
+        raise err(f"[file]: unknown key(s) {_keys(unknown)} (allowed: module, source, title)",
+                  lineno=loc.find_key(sorted(unknown)[0]))
+    module = meta.get("module")
+    if module is not None and (not isinstance(module, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", module)):
+        raise err("[file] module must be an identifier of at most 64 characters (it names the generated files)",
+                  lineno=loc.find_key("module"))
 
     names: dict = {}
     domains: dict = {}
@@ -449,7 +462,8 @@ def loads(text: str, path="<string>", deadline=None) -> DerivationFile:
             chains.append(chain)
         instances, inst_syms = _load_instances(rd.get("instances", {}), ctx, derr, loc, d_line)
         derivations.append(Derivation(did, rd.get("title", did), chains, ctx, rd.get("note"), instances, inst_syms))
-    return DerivationFile(path, title, source, file_ctx, derivations, exports, export_from)
+    kernels = _load_kernels(data.get("kernel", []), derivations, exports, export_from, path, loc)
+    return DerivationFile(path, title, source, file_ctx, derivations, exports, export_from, kernels, module)
 
 
 def _domain(text, what, err, lineno=None):
@@ -704,3 +718,183 @@ def _load_instances(raw, ctx, derr, loc, d_line):
         out[name] = values
         syms[name] = extra
     return out, syms
+
+
+# ------------------------------------------------------------------------------------------
+# [[kernel]]: which proved exports a generated kernel evaluates, and how it is called
+
+#: at most this many [[kernel]] tables per file (each is printed into three generated files)
+MAX_KERNELS = 64
+#: the layouts the templates know, the target kind each takes, and the export roles each needs
+LAYOUTS = {
+    "elementwise": {"target": "binary", "exports": ("loss", "grad"),
+                    "options": ("weight", "compensated")},
+    "softmax": {"target": "class_index", "exports": ("loss", "coef", "target_factor"),
+                "options": ("class_alpha",)},
+}
+#: what each target kind means (the only ones the templates evaluate for now)
+TARGETS = {"binary": "labels t in {0, 1}, elementwise over any shape",
+           "class_index": "integer class indices over the last axis of (N, K) logits, with an ignore label"}
+_KERNEL_COMMON = ("name", "title", "layout", "target", "params", "defaults", "functions")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+@dataclass(frozen=True)
+class KernelDecl:
+    """One ``[[kernel]]`` table: a generated kernel over proved exports of one derivation."""
+
+    name: str
+    title: str
+    layout: str  # "elementwise" or "softmax"
+    target: str  # "binary" or "class_index"
+    exports: dict  # role (loss, grad / loss, coef, target_factor) -> export name
+    params: tuple  # symbol names, in argument order
+    defaults: dict  # param -> float
+    domains: dict  # param -> Domain (in the derivation of the exports)
+    derivation: str  # the derivation the exports come from
+    functions: tuple = ()  # public Python functions that call this kernel (derive.losses)
+    weight: str | None = None  # a definition evaluated only when alpha >= 0 (else 1)
+    compensated: tuple | None = None  # (definition, factor): formed as factor*b + c, error-free
+    class_alpha: bool = False  # softmax: alpha is a scalar or a per-class vector
+    lineno: int | None = None
+
+    # the names codegen and the generated module use
+    @property
+    def kind(self) -> str:
+        return "elementwise" if self.layout == "elementwise" else "rowwise"
+
+    @property
+    def loss(self):
+        return self.exports["loss"]
+
+    @property
+    def grad(self):
+        return self.exports.get("grad")
+
+    @property
+    def coef(self):
+        return self.exports.get("coef")
+
+    @property
+    def target_factor(self):
+        return self.exports.get("target_factor")
+
+
+def _load_kernels(raw, derivations, exports, export_from, path, loc):
+    if not isinstance(raw, list):
+        raise DerivationFileError(path, "kernel must be an array of tables: write [[kernel]]",
+                                  lineno=loc.find("[kernel]"))
+    if len(raw) > MAX_KERNELS:
+        raise DerivationFileError(path, f"{len(raw)} [[kernel]] tables; the limit is {MAX_KERNELS}")
+    contexts = {d.id: d.context for d in derivations}
+    kernels, seen = [], set()
+    after = 0
+    for k, rk in enumerate(raw):
+        k_line = loc.find("[[kernel]]", after)
+        after = (k_line or after) + 1
+        if not isinstance(rk, dict):
+            raise DerivationFileError(path, f"kernel #{k + 1} must be a table", lineno=k_line)
+        name = rk.get("name")
+        if not isinstance(name, str) or not _IDENT.fullmatch(name):
+            raise DerivationFileError(path, f"kernel #{k + 1} needs a name: an identifier of at most 64 characters "
+                                      "(it names the C and Python functions)", lineno=k_line)
+        if name in seen:
+            raise DerivationFileError(path, "duplicate kernel name", kernel=name, lineno=k_line)
+        seen.add(name)
+        kernels.append(_load_kernel(rk, name, contexts, exports, export_from, path, loc, k_line))
+    return kernels
+
+
+def _load_kernel(rk, name, contexts, exports, export_from, path, loc, k_line):
+    def kerr(message, key=None):
+        line = (loc.find_key(key, k_line or 0) if key else None) or k_line
+        return DerivationFileError(path, message, kernel=name, lineno=line)
+
+    layout = rk.get("layout")
+    if layout not in LAYOUTS:
+        raise kerr(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {_q(layout)}", "layout")
+    spec = LAYOUTS[layout]
+    allowed = set(_KERNEL_COMMON) | set(spec["exports"]) | set(spec["options"])
+    for key in rk:
+        if key not in allowed:
+            other = next((lay for lay, s in LAYOUTS.items() if key in s["exports"] or key in s["options"]), None)
+            why = f" (a key of layout {other!r})" if other else ""
+            raise kerr(f"unknown key {_q(key)} for layout {layout!r}{why} (allowed: {', '.join(sorted(allowed))})",
+                       key)
+    title = rk.get("title", name)
+    if not isinstance(title, str) or len(title) > 500:
+        raise kerr("title must be a string of at most 500 characters", "title")
+    target = rk.get("target")
+    if target not in TARGETS:
+        raise kerr(f"target {_q(target)} is not supported: the supported targets are "
+                   + "; ".join(f"{t!r} ({what})" for t, what in TARGETS.items()), "target")
+    if target != spec["target"]:
+        raise kerr(f"layout {layout!r} takes target {spec['target']!r}, not {target!r}", "target")
+    roles = {}
+    for role in spec["exports"]:
+        export = rk.get(role)
+        if export is None:
+            raise kerr(f"layout {layout!r} needs {role} = \"<export name>\" (exports: {', '.join(spec['exports'])})")
+        if not isinstance(export, str):
+            raise kerr(f"{role} must be the name of an export", role)
+        if export not in exports:
+            raise kerr(f"{role}: the file exports no {_q(export)} (give a chain export = \"{safe_text(export)[:64]}\")",
+                       role)
+        roles[role] = export
+    dids = {export_from[e][0] for e in roles.values()}
+    if len(dids) != 1:
+        raise kerr(f"the exports {', '.join(map(repr, roles.values()))} come from different derivations "
+                   f"({', '.join(sorted(dids))}); a kernel evaluates the exports of one derivation")
+    did = dids.pop()
+    ctx = contexts[did]
+    params = rk.get("params", [])
+    if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+        raise kerr("params must be an array of symbol names", "params")
+    if len(set(params)) != len(params):
+        raise kerr("params names a symbol twice", "params")
+    fixed = {"elementwise": ("x", "t"), "softmax": ("u",)}[layout]
+    domains = {}
+    for p in params:
+        sym = ctx.names.get(p)
+        if sym is None or sym in ctx.definitions:
+            raise kerr(f"params: {_q(p)} is not a symbol of derivation {did!r} (its symbols: "
+                       f"{', '.join(sorted(s.name for s in ctx.base_symbols))})", "params")
+        if p in fixed:
+            raise kerr(f"params: {p!r} is supplied by the {layout} template, not a parameter", "params")
+        domains[p] = ctx.domains[sym]
+    defaults = rk.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise kerr("defaults must be a table { param = number }", "defaults")
+    for p, v in defaults.items():
+        if p not in params:
+            raise kerr(f"defaults: {_q(p)} is not one of the params ({', '.join(params) or 'none'})", "defaults")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (-1e300 < float(v) < 1e300):
+            raise kerr(f"defaults: {p} must be a finite number", "defaults")
+        if not domains[p].contains(float(v)):
+            raise kerr(f"defaults: {p} = {v!r} is outside its domain {domains[p]}", "defaults")
+    functions = rk.get("functions", [])
+    if (not isinstance(functions, list) or len(functions) > 16
+            or not all(isinstance(f, str) and _IDENT.fullmatch(f) for f in functions)):
+        raise kerr("functions must be an array of at most 16 Python identifiers", "functions")
+    weight = rk.get("weight")
+    if weight is not None:
+        if not isinstance(weight, str) or ctx.names.get(weight) not in ctx.definitions:
+            raise kerr(f"weight must name a definition of derivation {did!r}", "weight")
+        if "alpha" not in params:
+            raise kerr("weight needs a parameter alpha (a negative alpha turns the weight off)", "weight")
+    comp = rk.get("compensated")
+    if comp is not None:
+        if not isinstance(comp, dict) or set(comp) != {"definition", "factor"}:
+            raise kerr('compensated must be { definition = "<definition>", factor = "<param>" }', "compensated")
+        if not isinstance(comp["definition"], str) or ctx.names.get(comp["definition"]) not in ctx.definitions:
+            raise kerr(f"compensated: definition must name a definition of derivation {did!r}", "compensated")
+        if comp["factor"] not in params:
+            raise kerr("compensated: factor must be one of the params", "compensated")
+        comp = (comp["definition"], comp["factor"])
+    class_alpha = rk.get("class_alpha", False)
+    if not isinstance(class_alpha, bool):
+        raise kerr("class_alpha must be true or false", "class_alpha")
+    if class_alpha and "alpha" not in params:
+        raise kerr("class_alpha needs a parameter alpha", "class_alpha")
+    return KernelDecl(name, title, layout, target, roles, tuple(params), {p: float(v) for p, v in defaults.items()},
+                      domains, did, tuple(functions), weight, comp, class_alpha, k_line)

@@ -61,19 +61,6 @@ Outputs = Optional[Tuple[np.ndarray, Optional[np.ndarray]]]
 LossValue = Union[np.ndarray, np.floating]
 LossResult = Union[LossValue, Tuple[LossValue, np.ndarray]]
 
-__all__ = [
-    "sigmoid_cross_entropy",
-    "binary_cross_entropy_with_logits",
-    "binary_focal_loss",
-    "sigmoid_focal_loss",
-    "focal_loss_star",
-    "softmax_cross_entropy",
-    "softmax_focal_loss",
-    "available_backends",
-    "CBackendUnavailableWarning",
-    "MAX_THREADS",
-]
-
 #: The most threads a call may ask for (``DERIVE_MAX_THREADS`` of generated/focal_kernels.h).
 MAX_THREADS = 256
 
@@ -212,26 +199,27 @@ _CONFIG_ENV = ("CC", "PATH", "DERIVE_CACHE_DIR", "XDG_CACHE_HOME", "HOME", "DERI
 _C_UNAVAILABLE: dict = {}  # configuration -> the BuildError for which "auto" uses NumPy
 
 
-def _c_works(stacklevel):
-    """Whether the C library loads; when not, warn once for this configuration, and do not try
-    again with it (a failed build would otherwise be retried, and warned about, on every call)."""
-    if _C_UNAVAILABLE and tuple(map(os.environ.get, _CONFIG_ENV)) in _C_UNAVAILABLE:
+def _c_works(stacklevel, generated=cbuild.GENERATED_DIR):
+    """Whether the C library of the kernels in ``generated`` loads; when not, warn once for this
+    configuration, and do not try again with it (a failed build would otherwise be retried, and
+    warned about, on every call)."""
+    if _C_UNAVAILABLE and (*map(os.environ.get, _CONFIG_ENV), str(generated)) in _C_UNAVAILABLE:
         return False
     try:
-        cbuild.load()
+        cbuild.load(generated)
         return True
     except cbuild.BuildError as exc:
-        _C_UNAVAILABLE[tuple(map(os.environ.get, _CONFIG_ENV))] = exc
+        _C_UNAVAILABLE[(*map(os.environ.get, _CONFIG_ENV), str(generated))] = exc
         warnings.warn(f"derive: using the NumPy backend (same results, slower) because the C kernels cannot be "
                       f"built or loaded: {exc}", CBackendUnavailableWarning, stacklevel=stacklevel + 1)
         return False
 
 
-def _backend(backend):
+def _backend(backend, generated=cbuild.GENERATED_DIR):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
     if backend == "auto":
-        return "c" if _c_works(stacklevel=4) else "numpy"
+        return "c" if _c_works(stacklevel=4, generated=generated) else "numpy"
     return backend
 
 
@@ -241,8 +229,18 @@ def available_backends() -> list:
     return ["c", "numpy"] if _c_works(stacklevel=2) else ["numpy"]
 
 
-def _info(name):
-    return cbuild.load_numpy_module().KERNELS[name]
+def _info(name, generated=cbuild.GENERATED_DIR):
+    """A kernel's row of the generated module's KERNELS table (its params, their domains, ...)."""
+    return cbuild.load_numpy_module(generated).KERNELS[name]
+
+
+def _scalar_params(info, params):
+    """The declared scalar parameters, checked against their domains, in the kernel's argument
+    order (``params``: name -> value).  A parameter of ``no_weight_below_zero`` may be negative
+    (no weighting); a per-class one (``class_alpha``) is checked by :func:`_class_weights`."""
+    return tuple(p if (info["class_alpha"] and name == "alpha") else
+                 _param(info, name, p, allow_off=name in info["no_weight_below_zero"])
+                 for name, p in ((n, params[n]) for n in info["params"]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -308,6 +306,10 @@ Notes
 {notes}"""
 
 
+#: the public loss functions, in the order they are defined (each registered by _document)
+_PUBLIC_LOSSES: list = []
+
+
 def _document(summary, params="", *, kind="elementwise", reduction="none", value_errors="", notes="",
               examples=""):
     """Give a public loss function its numpydoc docstring (one source for the shared sections)."""
@@ -333,6 +335,7 @@ def _document(summary, params="", *, kind="elementwise", reduction="none", value
 
     def apply(fn):
         fn.__doc__ = doc
+        _PUBLIC_LOSSES.append(fn.__name__)
         return fn
 
     return apply
@@ -361,17 +364,18 @@ def _ptr(arr, ct):
     return arr.ctypes.data_as(ctypes.POINTER(ct)) if arr is not None else None
 
 
-def _call_elementwise(name, x, t, params, backend, want_grad, threads=0, out=(None, None)):
+def _call_elementwise(name, x, t, params, backend, want_grad, threads=0, out=(None, None),
+                      generated=cbuild.GENERATED_DIR):
     dt = _DTYPES[x.dtype]
     out_loss, out_grad = out
     if backend == "numpy":
-        fn = getattr(cbuild.load_numpy_module(), f"{name}_{dt}")
+        fn = getattr(cbuild.load_numpy_module(generated), f"{name}_{dt}")
         typed = [x.dtype.type(p) for p in params]
         loss, grad = fn(x, t, *typed, loss=out_loss, grad=out_grad)  # filled in place when given
         return loss, (grad if want_grad else None)
     import ctypes
 
-    lib = cbuild.load()
+    lib = cbuild.load(generated)
     ct = ctypes.c_float if dt == "f32" else ctypes.c_double
     flat_x, flat_t = x.reshape(-1), t.reshape(-1)
     loss = out_loss.reshape(-1) if out_loss is not None else np.empty_like(flat_x)
@@ -393,12 +397,13 @@ def _call_elementwise(name, x, t, params, backend, want_grad, threads=0, out=(No
     return loss, (grad.reshape(x.shape) if want_grad else None)
 
 
-def _call_rowwise(name, x, target, alpha_vec, params, ignore_index, backend, want_grad, threads=0, out=(None, None)):
+def _call_rowwise(name, x, target, alpha_vec, params, ignore_index, backend, want_grad, threads=0, out=(None, None),
+                  generated=cbuild.GENERATED_DIR):
     dt = _DTYPES[x.dtype]
-    info = _info(name)
+    info = _info(name, generated)
     out_loss, out_grad = out
     if backend == "numpy":
-        fn = getattr(cbuild.load_numpy_module(), f"{name}_{dt}")
+        fn = getattr(cbuild.load_numpy_module(generated), f"{name}_{dt}")
         args = []
         for pname, p in zip(info["params"], params):
             if pname == "alpha" and info["class_alpha"] and alpha_vec is not None:
@@ -409,7 +414,7 @@ def _call_rowwise(name, x, target, alpha_vec, params, ignore_index, backend, wan
         return loss, (grad if want_grad else None)
     import ctypes
 
-    lib = cbuild.load()
+    lib = cbuild.load(generated)
     ct = ctypes.c_float if dt == "f32" else ctypes.c_double
     n, k = x.shape
     loss = out_loss if out_loss is not None else np.empty(n, dtype=x.dtype)
@@ -446,14 +451,19 @@ def _reduce(loss, grad, reduction, count, return_grad):
     return (out, grad) if return_grad else out
 
 
-def _elementwise(name, inputs, targets, params, reduction, backend, return_grad, threads=None, out=None):
+def _elementwise(name, inputs, targets, params, reduction, backend, return_grad, threads=None, out=None,
+                 generated=cbuild.GENERATED_DIR):
+    """The one path of every elementwise (binary-label) kernel: ``params`` maps the kernel's
+    declared parameters to the values given; each is checked against its declared domain."""
+    values = _scalar_params(_info(name, generated), params)
     reduction = _reduction(reduction)
     threads = _threads(threads)
     x = _logits(inputs)
-    backend = _backend(backend)
+    backend = _backend(backend, generated)
     t = _binary_labels(targets, x, backend=backend)
     outs = _outputs(out, x, x.shape, [("inputs", x), ("targets", t)])
-    loss, grad = _call_elementwise(name, x, t, params, backend, return_grad or outs[1] is not None, threads, outs)
+    loss, grad = _call_elementwise(name, x, t, values, backend, return_grad or outs[1] is not None, threads, outs,
+                                   generated)
     return _reduce(loss, grad, reduction, x.size, return_grad)
 
 
@@ -471,7 +481,7 @@ def _elementwise(name, inputs, targets, params, reduction, backend, return_grad,
 def sigmoid_cross_entropy(inputs: ArrayLike, targets: ArrayLike, reduction: Reduction = "none", *,
                           backend: Backend = "auto", return_grad: bool = False, threads: Optional[int] = None,
                           out: Outputs = None) -> LossResult:
-    return _elementwise("sigmoid_ce", inputs, targets, (), reduction, backend, return_grad, threads, out)
+    return _elementwise("sigmoid_ce", inputs, targets, {}, reduction, backend, return_grad, threads, out)
 
 
 @_document("""``torch.nn.functional.binary_cross_entropy_with_logits`` (labels 0/1, no weights): mean by default.""",
@@ -489,9 +499,8 @@ def binary_cross_entropy_with_logits(inputs: ArrayLike, targets: ArrayLike, redu
 def binary_focal_loss(inputs: ArrayLike, targets: ArrayLike, gamma: float = 2.0, reduction: Reduction = "none", *,
                       backend: Backend = "auto", return_grad: bool = False, threads: Optional[int] = None,
                       out: Outputs = None) -> LossResult:
-    info = _info("sigmoid_focal")
-    gamma = _param(info, "gamma", gamma)
-    return _elementwise("sigmoid_focal", inputs, targets, (gamma,), reduction, backend, return_grad, threads, out)
+    return _elementwise("sigmoid_focal", inputs, targets, {"gamma": gamma}, reduction, backend, return_grad, threads,
+                        out)
 
 
 @_document("""``torchvision.ops.sigmoid_focal_loss``: alpha_t (1 - p_t)^gamma CE(x, t), p_t = sigmoid(x_t).""",
@@ -509,10 +518,8 @@ dtype('float32')""")
 def sigmoid_focal_loss(inputs: ArrayLike, targets: ArrayLike, alpha: float = 0.25, gamma: float = 2.0,
                        reduction: Reduction = "none", *, backend: Backend = "auto", return_grad: bool = False,
                        threads: Optional[int] = None, out: Outputs = None) -> LossResult:
-    info = _info("sigmoid_focal_alpha")
-    alpha = _param(info, "alpha", alpha, allow_off=True)
-    gamma = _param(info, "gamma", gamma)
-    return _elementwise("sigmoid_focal_alpha", inputs, targets, (alpha, gamma), reduction, backend, return_grad, threads, out)
+    return _elementwise("sigmoid_focal_alpha", inputs, targets, {"alpha": alpha, "gamma": gamma}, reduction, backend,
+                        return_grad, threads, out)
 
 
 @_document("""FL* of Lin et al. (Focal Loss paper, appendix): -log(sigmoid(gamma x_t + beta)) / gamma.""",
@@ -527,10 +534,8 @@ float32 input), and -log sigmoid(z) = softplus(-z) never takes the log of a roun
 def focal_loss_star(inputs: ArrayLike, targets: ArrayLike, gamma: float = 2.0, beta: float = 1.0,
                     reduction: Reduction = "none", *, backend: Backend = "auto", return_grad: bool = False,
                     threads: Optional[int] = None, out: Outputs = None) -> LossResult:
-    info = _info("focal_star")
-    gamma = _param(info, "gamma", gamma)
-    beta = _param(info, "beta", beta)
-    return _elementwise("focal_star", inputs, targets, (gamma, beta), reduction, backend, return_grad, threads, out)
+    return _elementwise("focal_star", inputs, targets, {"gamma": gamma, "beta": beta}, reduction, backend, return_grad,
+                        threads, out)
 
 
 # ------------------------------------------------------------------------------------------
@@ -586,17 +591,47 @@ def _ignore_index(ignore_index):
     return ignore_index
 
 
-def _rowwise(name, inputs, targets, alpha_vec, params, ignore_index, reduction, backend, return_grad, threads=None,
-             out=None):
+def _class_weights(info, alpha, inputs):
+    """A per-class ``alpha`` (class_alpha): (scalar, vector or None).  None: no weighting
+    (alpha_t = 1); a number: the same weight for every class; an array: one per class."""
+    if alpha is None:
+        return 1.0, None
+    if np.ndim(alpha) == 0:
+        return _param(info, "alpha", alpha), None
+    arr = np.asarray(alpha)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"alpha must be a number or an array of per-class weights, got dtype {arr.dtype}")
+    k = np.shape(inputs)[-1] if np.ndim(inputs) == 2 else None
+    if arr.ndim != 1 or (k is not None and arr.shape[0] != k):
+        raise ValueError(f"alpha must be a scalar or have shape ({k},) (one weight per class), got {arr.shape}")
+    dom = info["domains"]["alpha"]
+    ok = np.isfinite(arr) & np.array([_in_domain(float(a), dom) for a in arr.ravel()], dtype=bool)
+    if not np.all(ok):
+        raise ValueError(f"alpha must be {_describe(dom)} for every class, found {arr[~ok][0].item()!r}")
+    x_dtype = np.asarray(inputs).dtype
+    return 1.0, np.ascontiguousarray(arr, dtype=x_dtype if x_dtype in _DTYPES else np.float64)
+
+
+def _rowwise(name, inputs, targets, params, ignore_index, reduction, backend, return_grad, threads=None,
+             out=None, generated=cbuild.GENERATED_DIR):
+    """The one path of every softmax (class-index) kernel: ``params`` maps the kernel's declared
+    parameters to the values given, each checked against its declared domain (a ``class_alpha``
+    alpha may also be None or one weight per class)."""
+    info = _info(name, generated)
+    alpha_vec = None
+    if info["class_alpha"]:
+        params = dict(params)
+        params["alpha"], alpha_vec = _class_weights(info, params.get("alpha"), inputs)
+    values = _scalar_params(info, params)
     reduction = _reduction(reduction)
     threads = _threads(threads)
     x = _softmax_logits(inputs)
     ignore_index = _ignore_index(ignore_index)
-    backend = _backend(backend)
+    backend = _backend(backend, generated)
     t = _class_targets(targets, x, ignore_index, check=backend != "c")
     outs = _outputs(out, x, (x.shape[0],), [("inputs", x), ("targets", t), ("alpha", alpha_vec)])
-    loss, grad = _call_rowwise(name, x, t, alpha_vec, params, ignore_index, backend, return_grad or outs[1] is not None,
-                               threads, outs)
+    loss, grad = _call_rowwise(name, x, t, alpha_vec, values, ignore_index, backend, return_grad or outs[1] is not None,
+                               threads, outs, generated)
     count = _count_not_ignored(t, ignore_index) if reduction == "mean" else t.size
     return _reduce(loss, grad, reduction, count, return_grad)
 
@@ -615,7 +650,7 @@ array([0.1698, 0.    ])""")
 def softmax_cross_entropy(inputs: ArrayLike, targets: ArrayLike, ignore_index: int = -100,
                           reduction: Reduction = "none", *, backend: Backend = "auto", return_grad: bool = False,
                           threads: Optional[int] = None, out: Outputs = None) -> LossResult:
-    return _rowwise("softmax_ce", inputs, targets, None, (), ignore_index, reduction, backend, return_grad, threads, out)
+    return _rowwise("softmax_ce", inputs, targets, {}, ignore_index, reduction, backend, return_grad, threads, out)
 
 
 @_document("""Softmax focal loss -alpha_t (1 - p_t)^gamma log p_t per row, p = softmax(x) over the K classes.""",
@@ -629,26 +664,9 @@ def softmax_focal_loss(inputs: ArrayLike, targets: ArrayLike, alpha: Union[None,
                        gamma: float = 2.0, ignore_index: int = -100, reduction: Reduction = "none", *,
                        backend: Backend = "auto", return_grad: bool = False, threads: Optional[int] = None,
                        out: Outputs = None) -> LossResult:
-    info = _info("softmax_focal")
-    gamma = _param(info, "gamma", gamma)
-    x_dtype = np.asarray(inputs).dtype
-    alpha_vec = None
-    if alpha is None:
-        alpha = 1.0
-    elif np.ndim(alpha) == 0:
-        alpha = _param(info, "alpha", alpha)
-    else:
-        arr = np.asarray(alpha)
-        if arr.dtype.kind not in "biuf":
-            raise TypeError(f"alpha must be a number or an array of per-class weights, got dtype {arr.dtype}")
-        k = np.shape(inputs)[-1] if np.ndim(inputs) == 2 else None
-        if arr.ndim != 1 or (k is not None and arr.shape[0] != k):
-            raise ValueError(f"alpha must be a scalar or have shape ({k},) (one weight per class), got {arr.shape}")
-        dom = info["domains"]["alpha"]
-        ok = np.isfinite(arr) & np.array([_in_domain(float(a), dom) for a in arr.ravel()], dtype=bool)
-        if not np.all(ok):
-            raise ValueError(f"alpha must be {_describe(dom)} for every class, found {arr[~ok][0].item()!r}")
-        alpha_vec = np.ascontiguousarray(arr, dtype=x_dtype if x_dtype in _DTYPES else np.float64)
-        alpha = 1.0
-    return _rowwise("softmax_focal", inputs, targets, alpha_vec, (alpha, gamma), ignore_index, reduction, backend,
-                    return_grad, threads, out)
+    return _rowwise("softmax_focal", inputs, targets, {"alpha": alpha, "gamma": gamma}, ignore_index, reduction,
+                    backend, return_grad, threads, out)
+
+
+# the losses defined above (their definitions are the only list of them), then the rest of the API
+__all__ = [*_PUBLIC_LOSSES, "available_backends", "CBackendUnavailableWarning", "MAX_THREADS"]

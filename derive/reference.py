@@ -33,9 +33,9 @@ def _file():
 
 @functools.lru_cache(maxsize=None)
 def _specs():
-    from .codegen.kernels import KERNELS
+    from .codegen.kernels import shipped_kernels
 
-    return {k.name: k for k in KERNELS}
+    return {k.name: k for k in shipped_kernels()}
 
 
 def _chain(export):

@@ -1,8 +1,8 @@
 """Which proved expressions make up each kernel, and how they become lines of code.
 
-A kernel here is *data*: the names of the exported (proved) lines it evaluates and which of
-the derivation's symbols the template supplies.  Every formula comes from
-``derive/derivations/stable_forms.toml`` through the loader: definitions are substituted
+A kernel here is *data*: a ``[[kernel]]`` table of its derivation file (parsed and checked by
+:mod:`derive.loader` into a ``KernelDecl``) names the exported (proved) lines it evaluates,
+its layout and parameters.  Every formula comes from the file through the loader: definitions are substituted
 (except the few the template computes itself, see ``weight`` and ``compensated``), the
 outputs of one kernel go through one common-subexpression elimination, and each backend's
 printer writes them.
@@ -14,60 +14,24 @@ from pathlib import Path
 
 import sympy as sp
 
-from ..loader import load_file
+from ..loader import DerivationFileError, load_file
 from .printers import C_CONFIGS, abs_key, c_printer, magnitude_rank, numpy_printer, with_sigmoid_pow
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 STABLE_FORMS = PACKAGE_DIR / "derivations" / "stable_forms.toml"
 
 
-@dataclass(frozen=True)
-class Elementwise:
-    """Per-element loss and d loss / d x from logits x and labels t in {0, 1}."""
-
-    name: str
-    loss: str  # export names
-    grad: str
-    params: tuple  # scalar parameters, in C argument order (symbol names)
-    title: str
-    weight: str | None = None  # a definition the template evaluates only when alpha >= 0 (else 1)
-    compensated: tuple | None = None  # (definition, factor): formed as factor*b + c with an error-free transform
-
-    kind = "elementwise"
+def shipped_kernels() -> tuple:
+    """The kernels declared by the ``[[kernel]]`` tables of stable_forms.toml (loader.KernelDecl),
+    in file order: the ones generated/ holds and derive.losses calls."""
+    global _SHIPPED
+    if _SHIPPED is None:
+        _SHIPPED = tuple(load_file(STABLE_FORMS).kernels)
+    return _SHIPPED
 
 
-@dataclass(frozen=True)
-class Rowwise:
-    """Softmax over the last axis of (N, K) logits with integer targets."""
+_SHIPPED = None
 
-    name: str
-    loss: str  # exports in u = log p_t (and the row's alpha and gamma)
-    coef: str
-    target_factor: str
-    params: tuple
-    title: str
-    class_alpha: bool = False  # alpha is a scalar or a per-class vector
-
-    kind = "rowwise"
-
-
-KERNELS = (
-    Elementwise("sigmoid_ce", "sigmoid_ce_loss", "sigmoid_ce_grad", (),
-                "sigmoid cross-entropy (binary_cross_entropy_with_logits)"),
-    Elementwise("sigmoid_focal", "sigmoid_focal_loss", "sigmoid_focal_grad", ("gamma",),
-                "sigmoid focal loss -(1 - p_t)^gamma log p_t"),
-    Elementwise("sigmoid_focal_alpha", "sigmoid_focal_alpha_loss", "sigmoid_focal_alpha_grad", ("alpha", "gamma"),
-                "alpha-balanced sigmoid focal loss (torchvision, Detectron; alpha < 0: no weighting)",
-                weight="alpha_t"),
-    Elementwise("focal_star", "focal_star_loss", "focal_star_grad", ("gamma", "beta"),
-                "FL*: -log(sigmoid(gamma*x_t + beta))/gamma (gamma > 0)",
-                compensated=("z", "gamma")),
-    Rowwise("softmax_ce", "softmax_ce_loss", "softmax_ce_coef", "softmax_pt_minus_one", (),
-            "softmax cross-entropy with an ignore label"),
-    Rowwise("softmax_focal", "softmax_focal_loss", "softmax_focal_coef", "softmax_pt_minus_one", ("alpha", "gamma"),
-            "softmax focal loss -alpha_t (1 - p_t)^gamma log p_t (alpha scalar or per class) with an ignore label",
-            class_alpha=True),
-)
 
 # Names the templates give the symbols they supply.
 ELEMENT_VARS = {"x": "xi", "t": "ti", "zh": "zh", "zl": "zl"}
@@ -125,11 +89,11 @@ def prepare(spec, f) -> Prepared:
     else:
         outs = {"loss": spec.loss, "coef": spec.coef, "target": spec.target_factor}
     ctx, did = _context_of(f, spec.loss)
-    for export in outs.values():
+    for export in outs.values():  # the loader checked these; a KernelDecl built by hand may not be
         if export not in f.exports:
-            raise KeyError(f"{STABLE_FORMS.name} exports no {export!r} (needed by kernel {spec.name})")
+            raise DerivationFileError(f.path, f"the file exports no {export!r}", kernel=spec.name)
         if _context_of(f, export)[1] != did:
-            raise ValueError(f"kernel {spec.name}: exports come from different derivations")
+            raise DerivationFileError(f.path, "the exports come from different derivations", kernel=spec.name)
     keep = set()
     extra = {}
     if getattr(spec, "weight", None):
@@ -150,7 +114,7 @@ def prepare(spec, f) -> Prepared:
         c, ab = zdef.as_independent(a, as_Add=True)
         b = ab / a  # keeps x*(2t - 1): 2*t*x - x would overflow for |x| > max/2
         if b.has(a) or sp.expand(a * b + c - zdef) != 0:
-            raise ValueError(f"kernel {spec.name}: {zname} = {zdef} is not {factor}*b + c")
+            raise DerivationFileError(f.path, f"compensated: {zname} = {zdef} is not {factor}*b + c", kernel=spec.name)
         extra["comp_a"] = _rename(a, ELEMENT_VARS)
         extra["comp_b"] = _rename(b, ELEMENT_VARS)
         extra["comp_c"] = _rename(c, ELEMENT_VARS)
@@ -163,7 +127,10 @@ def prepare(spec, f) -> Prepared:
     for k, v in exprs.items():
         bad = {s.name for s in v.free_symbols} - allowed
         if bad:
-            raise ValueError(f"kernel {spec.name}: output {k} uses {sorted(bad)}, which the template does not supply")
+            raise DerivationFileError(
+                f.path, f"{outs[k]} ({k}) uses {', '.join(sorted(bad))}, which neither the {spec.layout} template "
+                f"(it supplies {', '.join(sorted(k for k in mapping if len(k) == 1 or k == 'alpha'))}) nor the "
+                f"params supply: add them to params", kernel=spec.name)
     return Prepared(spec, exprs, extra, outs, did)
 
 
@@ -229,10 +196,13 @@ def print_numpy(prep: Prepared) -> Printed:
                    {k: pr.doprint(v) for k, v in prep.extra_exprs.items()})
 
 
-def load_kernels(path=STABLE_FORMS):
-    f = load_file(path)
-    return f, [prepare(spec, f) for spec in KERNELS]
+def load_kernels(path=STABLE_FORMS, file=None):
+    """The loaded file and its declared kernels, prepared (DerivationFileError when it declares none)."""
+    f = file if file is not None else load_file(path)
+    if not f.kernels:
+        raise DerivationFileError(f.path, "declares no [[kernel]]: nothing to generate")
+    return f, [prepare(spec, f) for spec in f.kernels]
 
 
-__all__ = ["KERNELS", "Elementwise", "Rowwise", "prepare", "print_c", "print_numpy", "load_kernels", "C_CONFIGS",
+__all__ = ["shipped_kernels", "prepare", "print_c", "print_numpy", "load_kernels", "C_CONFIGS",
            "STABLE_FORMS"]

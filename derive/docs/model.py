@@ -23,15 +23,19 @@ from ..resources import generated_dir, logical_path
 
 VERDICTS = (PROVED, CONFIRMED, REFUTED, UNPROVED)
 
-#: The Python functions of derive.losses that call each generated kernel (tests check it).
-KERNEL_API = {
-    "sigmoid_ce": ("sigmoid_cross_entropy", "binary_cross_entropy_with_logits"),
-    "sigmoid_focal": ("binary_focal_loss",),
-    "sigmoid_focal_alpha": ("sigmoid_focal_loss",),
-    "focal_star": ("focal_loss_star",),
-    "softmax_ce": ("softmax_cross_entropy",),
-    "softmax_focal": ("softmax_focal_loss",),
-}
+def __getattr__(name):  # PEP 562: computed on first use (reading the derivation file)
+    if name == "KERNEL_API":
+        return kernel_api()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def kernel_api() -> dict:
+    """The Python functions of derive.losses that call each generated kernel: the ``functions``
+    key of each ``[[kernel]]`` table of stable_forms.toml (tests check it).  ``KERNEL_API``."""
+    from ..codegen.kernels import shipped_kernels
+
+    return {k.name: tuple(k.functions) for k in shipped_kernels()}
+
 
 #: The kernels' exports that each role names (codegen's kernel specs).
 EXPORT_ROLES = ("loss", "grad", "coef", "target_factor")
@@ -317,10 +321,10 @@ class _Builder:
 
 
 def _export_users():
-    from ..codegen.kernels import KERNELS
+    from ..codegen.kernels import shipped_kernels
 
     users = {}
-    for spec in KERNELS:
+    for spec in shipped_kernels():
         for role in EXPORT_ROLES:
             export = getattr(spec, role, None)
             if export:
@@ -350,14 +354,14 @@ def _function_source(path: Path, name: str) -> str:
 
 def _kernels():
     from .. import losses
-    from ..codegen.kernels import KERNELS
+    from ..codegen.kernels import shipped_kernels
 
     gen = generated_dir()
     views = []
-    for spec in KERNELS:
+    for spec in shipped_kernels():
         name = spec.name
         api = []
-        for fn in KERNEL_API.get(name, ()):
+        for fn in spec.functions:
             f = getattr(losses, fn)
             doc = (inspect.getdoc(f) or "").splitlines()
             api.append((fn, str(inspect.signature(f)), doc[0] if doc else ""))

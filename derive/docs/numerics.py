@@ -193,9 +193,9 @@ def literal_line(export):
 @functools.lru_cache(maxsize=None)
 def literal_elementwise(name):
     """(loss_fn, grad_fn) of an elementwise kernel's literal closed form, functions of (x, t, *params)."""
-    from ..codegen.kernels import KERNELS
+    from ..codegen.kernels import shipped_kernels
 
-    spec = next(k for k in KERNELS if k.name == name)
+    spec = next(k for k in shipped_kernels() if k.name == name)
     out = []
     for export in (spec.loss, spec.grad):
         d, c, k = literal_line(export)
@@ -208,9 +208,9 @@ def literal_elementwise(name):
 
 def describe_literal(name) -> str:
     """Where a kernel's literal closed form comes from, for the figure captions."""
-    from ..codegen.kernels import KERNELS
+    from ..codegen.kernels import shipped_kernels
 
-    spec = next(k for k in KERNELS if k.name == name)
+    spec = next(k for k in shipped_kernels() if k.name == name)
     if spec.kind == "elementwise":
         parts = []
         for what, export in (("loss", spec.loss), ("gradient", spec.grad)):

@@ -200,9 +200,9 @@ def accuracy_data(name, dtype):
     """(x, {"kernel"|"literal": (loss, grad)}, (reference loss, reference grad)) for label t = 1;
     softmax rows are (x, 0, 0) with target 0 and the gradient is the target's."""
     from .. import reference as R
-    from ..codegen.kernels import KERNELS
+    from ..codegen.kernels import shipped_kernels
 
-    spec = next(k for k in KERNELS if k.name == name)
+    spec = next(k for k in shipped_kernels() if k.name == name)
     x = accuracy_grid(dtype)
     params = _typed(ACCURACY_CASES[name][0], dtype)
     with np.errstate(all="ignore"):
@@ -253,9 +253,9 @@ def _log_errors(computed, reference, dtype):
 
 def fig_accuracy(name):
     from ..accuracy import BOUNDS
-    from ..codegen.kernels import KERNELS
+    from ..codegen.kernels import shipped_kernels
 
-    spec = next(k for k in KERNELS if k.name == name)
+    spec = next(k for k in shipped_kernels() if k.name == name)
     fig, axes = _new_figure(9.0, 6.2, 2, 2, sharex=True)
     for col, dtype in enumerate((np.float32, np.float64)):
         dname = np.dtype(dtype).name
@@ -295,7 +295,7 @@ def fig_accuracy(name):
 
 
 def figure_list():
-    from ..codegen.kernels import KERNELS
+    from ..codegen.kernels import shipped_kernels
 
     figs = [
         Figure("focal_loss_vs_pt", "Focal loss against p_t",
@@ -312,7 +312,7 @@ def figure_list():
                "for (gamma, beta) in {(1, 0), (2, 1), (4, 0)} (focal_star_f64; (1, 0) is cross-entropy). "
                "Top: the losses; bottom: their gradients with respect to x_t."),
     ]
-    for spec in KERNELS:
+    for spec in shipped_kernels():
         figs.append(Figure(
             f"accuracy_{spec.name}", f"Accuracy of {spec.name}",
             f"Relative error of the {spec.name} kernel's loss and gradient (blue) and of the note's literal closed "

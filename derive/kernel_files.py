@@ -1,0 +1,220 @@
+"""``derive.load(FILE)``: the kernels a derivation file declares, verified, generated and callable.
+
+A loss is one file: its derivation chains (proved by ``derive verify``) and ``[[kernel]]``
+tables naming which exported lines are the loss and the gradient (README.md, "Kernels from
+your own file").  :func:`load` reads the file (never running any of it), verifies it, refuses
+it when a line a kernel uses is not proved, renders the kernels with the same templates as
+the shipped ones into a private cache folder keyed by the generated sources' hash
+(``$DERIVE_CACHE_DIR/kernel-sources/<hash>``, not the package), and returns an object with one
+function per kernel, named by the kernel.  Each function has the conventions of the shipped
+losses (:mod:`derive.losses`): ``reduction``, ``return_grad``, ``out=``, ``backend``,
+``threads``, the same argument checks and errors, the C library built and cached by
+:mod:`derive.cbuild` on first use.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from pathlib import Path
+
+from . import cbuild, losses
+from .loader import DerivationFileError, load_file
+
+#: the sub-folder of the kernel cache that holds the generated sources of loaded files
+SOURCES_DIR = "kernel-sources"
+
+
+class NotProvedError(DerivationFileError):
+    """A kernel of the file evaluates an exported line whose derivation is not proved."""
+
+
+def _label(c) -> str:
+    if c.kind == "domain":
+        return f"derivation {c.derivation!r}: domain {c.lhs}"
+    return f"derivation {c.derivation!r}, chain {c.chain!r}: {c.kind}" + (f" {c.index}" if c.index is not None else "")
+
+
+def _check_proved(f, step_timeout, timeout):
+    """Verify the file; NotProvedError listing every failing check a kernel depends on."""
+    from .verify import FAIL, Report, Verifier
+
+    report = Report()
+    Verifier(step_timeout=step_timeout, timeout=timeout).verify_file(f, report)
+    used = {}  # (derivation, chain) -> kernels
+    for k in f.kernels:
+        for export in k.exports.values():
+            used.setdefault(f.export_derivation[export], set()).add(k.name)
+    dids = {did for did, _ in used}
+    bad = []
+    for c in report.checks:
+        if c.status != FAIL:  # proved, or a refuted step an erratum explains (its corrected line is checked too)
+            continue
+        if (c.derivation, c.chain) in used or (c.kind == "domain" and c.derivation in dids):
+            who = sorted(used.get((c.derivation, c.chain), ())) or sorted(
+                k.name for k in f.kernels if k.derivation == c.derivation)
+            bad.append(f"{_label(c)} is {c.verdict.status}" + (f" ({c.message})" if c.message else "")
+                       + f" [kernel {', '.join(who)}]")
+    if bad:
+        raise NotProvedError(f.path, f"refusing to load: {len(bad)} check(s) that its kernels use are not proved "
+                             f"(run `derive verify {f.path}`): " + "; ".join(bad))
+
+
+def _write_sources(texts: dict) -> Path:
+    """The private cache folder holding ``texts`` (named by their hash), written when missing."""
+    h = hashlib.sha256()
+    for name in sorted(texts):
+        h.update(name.encode() + b"\0" + texts[name].encode("utf-8") + b"\0")
+    base = cbuild._private_cache_dir(cbuild._private_cache_dir(cbuild.cache_dir()) / SOURCES_DIR)
+    folder = cbuild._private_cache_dir(base / h.hexdigest()[:24])
+    for name, text in texts.items():
+        path, data = folder / name, text.encode("utf-8")
+        try:
+            same = path.read_bytes() == data
+        except OSError:
+            same = False
+        if not same:
+            try:
+                cbuild._write_atomic(path, data)
+            except OSError as exc:
+                raise cbuild.BuildError(f"cannot write the generated kernels into {folder}: "
+                                        f"{exc.strerror or exc}") from None
+    return folder
+
+
+def _signature(decl) -> inspect.Signature:
+    P = inspect.Parameter
+    params = [P("inputs", P.POSITIONAL_OR_KEYWORD), P("targets", P.POSITIONAL_OR_KEYWORD)]
+    declared = []
+    for name in decl.params:
+        default = decl.defaults.get(name, P.empty)
+        if decl.class_alpha and name == "alpha" and default is P.empty:
+            default = None  # no weighting
+        declared.append((name, default))
+    # a parameter without a default after one with a default: all of them keyword-only
+    seen_default = False
+    keyword_only = False
+    for _, default in declared:
+        if default is not P.empty:
+            seen_default = True
+        elif seen_default:
+            keyword_only = True
+    kind = P.KEYWORD_ONLY if keyword_only else P.POSITIONAL_OR_KEYWORD
+    tail = [P("reduction", kind, default="none")]
+    if decl.layout == "softmax":
+        tail.insert(0, P("ignore_index", kind, default=-100))
+    if keyword_only:
+        params += tail + [P(n, kind, default=d) for n, d in declared]
+    else:
+        params += [P(n, kind, default=d) for n, d in declared] + tail
+    params += [P("backend", P.KEYWORD_ONLY, default="auto"), P("return_grad", P.KEYWORD_ONLY, default=False),
+               P("threads", P.KEYWORD_ONLY, default=None), P("out", P.KEYWORD_ONLY, default=None)]
+    return inspect.Signature(params)
+
+
+def _describe_domain(dom) -> str:
+    return str(getattr(dom, "text", dom))
+
+
+def _doc(decl, path) -> str:
+    unit = "row" if decl.layout == "softmax" else "element"
+    lines = [f"{decl.title}.", "",
+             f"Kernel {decl.name!r} of {path} (derivation {decl.derivation!r}: loss {decl.loss}), "
+             f"layout {decl.layout!r}, target {decl.target!r}.", "", "Parameters", "----------"]
+    if decl.layout == "softmax":
+        lines += ["inputs : array_like of float32 or float64, shape (N, K)",
+                  "targets : array_like of integers, shape (N,): class indices in [0, K), or ignore_index"]
+    else:
+        lines += ["inputs : array_like of float32 or float64, any shape",
+                  "targets : array_like, the shape of inputs: labels 0 or 1"]
+    for p in decl.params:
+        d = decl.defaults.get(p)
+        extra = " (or negative for no weighting)" if decl.weight and p == "alpha" else ""
+        extra += " (or None, or one weight per class)" if decl.class_alpha and p == "alpha" else ""
+        lines.append(f"{p} : float in {_describe_domain(decl.domains[p])}{extra}"
+                     + (f", default {d!r}" if d is not None else ""))
+    lines += [f'reduction : "none" (one loss per {unit}), "sum" or "mean"',
+              'backend : "auto", "c" or "numpy"; return_grad, threads, out: as for derive.losses']
+    return "\n".join(lines)
+
+
+def _function(decl, generated: Path, path):
+    sig = _signature(decl)
+    name = decl.name
+
+    if decl.layout == "elementwise":
+        def kernel(*args, **kwargs):
+            a = sig.bind(*args, **kwargs)
+            a.apply_defaults()
+            a = a.arguments
+            return losses._elementwise(name, a["inputs"], a["targets"], {p: a[p] for p in decl.params},
+                                       a["reduction"], a["backend"], a["return_grad"], a["threads"], a["out"],
+                                       generated)
+    else:
+        def kernel(*args, **kwargs):
+            a = sig.bind(*args, **kwargs)
+            a.apply_defaults()
+            a = a.arguments
+            return losses._rowwise(name, a["inputs"], a["targets"], {p: a[p] for p in decl.params},
+                                   a["ignore_index"], a["reduction"], a["backend"], a["return_grad"], a["threads"],
+                                   a["out"], generated)
+    kernel.__name__ = kernel.__qualname__ = name
+    kernel.__signature__ = sig
+    kernel.__doc__ = _doc(decl, path)
+    return kernel
+
+
+class LoadedKernels:
+    """The kernels of one derivation file: one function per ``[[kernel]]``, named by the kernel."""
+
+    def __init__(self, path, file, generated: Path):
+        self._path = str(path)
+        self._file = file
+        self._generated = generated
+        self._names = [k.name for k in file.kernels]
+        for k in file.kernels:
+            setattr(self, k.name, _function(k, generated, path))
+
+    @property
+    def kernel_names(self) -> list:
+        return list(self._names)
+
+    @property
+    def generated(self) -> Path:
+        """The cache folder of the generated NumPy module, C source and header."""
+        return self._generated
+
+    def available_backends(self) -> list:
+        """["c", "numpy"] when this file's C library builds and loads, else ["numpy"] (and one warning)."""
+        return ["c", "numpy"] if losses._c_works(stacklevel=2, generated=self._generated) else ["numpy"]
+
+    def __repr__(self):
+        return f"<derive kernels from {self._path}: {', '.join(self._names)}>"
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(self._names))
+
+
+def load(path, *, step_timeout: float = 4.0, timeout: float | None = None) -> LoadedKernels:
+    """The kernels declared by the ``[[kernel]]`` tables of the derivation file ``path``.
+
+    The file is loaded (DerivationFileError for a malformed file or declaration, naming the
+    file and kernel), verified (``step_timeout`` and ``timeout`` as for ``derive verify``;
+    :class:`NotProvedError` listing the failing checks when a line a kernel uses is not
+    proved), generated into a private cache folder, and returned as an object with one function
+    per kernel.  The C library is compiled on the first call with ``backend="c"`` or "auto"."""
+    from .codegen import render_all
+
+    f = load_file(path)
+    if not f.kernels:
+        raise DerivationFileError(f.path, "declares no [[kernel]]: nothing to load")
+    for k in f.kernels:
+        if hasattr(LoadedKernels, k.name) or k.name.startswith("_"):
+            raise DerivationFileError(f.path, f"the name {k.name!r} is taken by the loaded object's own attributes "
+                                      "(or starts with '_'): rename the kernel", kernel=k.name, lineno=k.lineno)
+    _check_proved(f, step_timeout, timeout)
+    module = Path(cbuild.SOURCE).stem  # the names cbuild compiles and imports
+    texts = render_all(path, file=f, module=module)
+    return LoadedKernels(path, f, _write_sources(texts))
+
+
+__all__ = ["load", "LoadedKernels", "NotProvedError", "SOURCES_DIR"]
