@@ -121,7 +121,8 @@ def render_text(report: Report, verbose: bool = False, quiet: bool = False) -> s
     out.append(
         f"{n} checks: {counts.get(PROVED, 0)} proved, {counts.get(CONFIRMED, 0)} numerically confirmed, "
         f"{counts.get(REFUTED, 0)} refuted ({sum(1 for c in report.checks if c.status == ERRATUM)} "
-        f"explained by {len(report.errata)} errata), {counts.get(UNPROVED, 0)} unproved; "
+        f"explained by {len(report.errata)} {'erratum' if len(report.errata) == 1 else 'errata'}), "
+        f"{counts.get(UNPROVED, 0)} unproved; "
         f"{report.seconds:.2f} s")
     failed = report.failed
     out.append("result: OK" if not failed else f"result: FAILED ({len(failed)} problem(s) marked !! above)")

@@ -48,7 +48,7 @@ class Check:
             "chain": self.chain,
             "kind": self.kind,
             "step": self.index,
-            "expression": f"{self.lhs} = {self.rhs}",
+            "expression": f"{self.lhs} {'in' if self.kind == 'domain' else '='} {self.rhs}",
             "lhs": self.lhs,
             "rhs": self.rhs,
             "latex": f"{self.lhs_latex} = {self.rhs_latex}",
