@@ -141,22 +141,15 @@ def _function(decl, generated: Path, path):
     sig = _signature(decl)
     name = decl.name
 
-    if decl.layout == "elementwise":
-        def kernel(*args, **kwargs):
-            a = sig.bind(*args, **kwargs)
-            a.apply_defaults()
-            a = a.arguments
-            return losses._elementwise(name, a["inputs"], a["targets"], {p: a[p] for p in decl.params},
-                                       a["reduction"], a["backend"], a["return_grad"], a["threads"], a["out"],
-                                       generated)
-    else:
-        def kernel(*args, **kwargs):
-            a = sig.bind(*args, **kwargs)
-            a.apply_defaults()
-            a = a.arguments
-            return losses._rowwise(name, a["inputs"], a["targets"], {p: a[p] for p in decl.params},
-                                   a["ignore_index"], a["reduction"], a["backend"], a["return_grad"], a["threads"],
-                                   a["out"], generated)
+    run = losses._elementwise if decl.layout == "elementwise" else losses._rowwise
+
+    def kernel(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        rows = () if decl.layout == "elementwise" else (a["ignore_index"],)  # softmax: the ignore label
+        return run(name, a["inputs"], a["targets"], {p: a[p] for p in decl.params}, *rows, a["reduction"],
+                   a["backend"], a["return_grad"], a["threads"], a["out"], generated)
     kernel.__name__ = kernel.__qualname__ = name
     kernel.__signature__ = sig
     kernel.__doc__ = _doc(decl, path)
