@@ -26,10 +26,10 @@ codegen: $(STAMP)
 	$(PY) -m derive codegen
 
 accuracy: $(STAMP)
-	$(PY) -m derive.accuracy
+	$(PY) -m derive accuracy
 
 bench: $(STAMP)
-	$(PY) -m derive.bench
+	$(PY) -m derive bench
 
 docs: $(STAMP)
 	$(PY) -m derive.docs

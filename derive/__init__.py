@@ -1,17 +1,17 @@
 """derive: verify hand-written gradient derivations with SymPy and generate kernels from them.
 
 The loss functions (``sigmoid_focal_loss`` and friends, each documented: ``help(derive.sigmoid_focal_loss)``)
-live in :mod:`derive.losses` and are re-exported here lazily, so that ``import derive`` stays cheap
-for users of the verifier alone.  ``derive.__all__`` is :data:`derive.losses.__all__` and the version.
+live in :mod:`derive.runtime.losses` and are re-exported here lazily, so that ``import derive`` stays cheap
+for users of the verifier alone.  ``derive.__all__`` is :data:`derive.runtime.losses.__all__` and the version.
 """
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("losses", "kernel_files")
+_LAZY_MODULES = ("runtime.losses", "runtime.kernel_files")
 
 
 def _public() -> list:
-    from . import losses
+    from derive.runtime import losses
 
     return [*losses.__all__, "__version__"]
 

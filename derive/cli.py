@@ -16,7 +16,7 @@ import argparse
 import math
 import sys
 
-from . import __version__
+from derive import __version__
 
 DIST_NAME = "derive-gradients"
 
@@ -24,8 +24,8 @@ DIST_NAME = "derive-gradients"
 FORWARDED = {
     "codegen": ("derive.codegen", "generate the [[kernel]]s of stable_forms.toml or FILE... into ./generated or --out DIR"),
     "docs": ("derive.docs", "write the documentation of every step into ./docs (or --out DIR)"),
-    "accuracy": ("derive.accuracy", "measure every kernel against mpmath references (--quick: a short run)"),
-    "bench": ("derive.bench", "time the kernels beside NumPy, PyTorch and JAX, and the verifier"),
+    "accuracy": ("derive.measure.accuracy", "measure every kernel against mpmath references (--quick: a short run)"),
+    "bench": ("derive.measure.bench", "time the kernels beside NumPy, PyTorch and JAX, and the verifier"),
 }
 
 class _Parser(argparse.ArgumentParser):
@@ -45,7 +45,7 @@ def _positive_float(text):
 
 
 def _strategies(text):
-    from .prover import STRATEGIES
+    from derive.prover.engine import STRATEGIES
 
     keys = [k.strip() for k in text.split(",") if k.strip()]
     bad = [k for k in keys if k not in STRATEGIES]
@@ -71,7 +71,7 @@ def build_parser():
 
 
 def build_verify_parser():
-    from .prover import STRATEGIES
+    from derive.prover.engine import STRATEGIES
 
     v = _Parser(prog="derive verify",
                 description="Check every step of derivation files: proved, or refuted with a counterexample. "
@@ -102,7 +102,7 @@ class _Progress:
         self.width = 0
 
     def __call__(self, file, derivation, n, total):
-        from .report import sanitize
+        from derive.prover.report import sanitize
 
         text = f"derive verify: {sanitize(str(file))}: {sanitize(str(derivation))} ({n} of {total})"
         text = text[:150]
@@ -124,10 +124,10 @@ def _read_stdin(limit):
 
 
 def _verify(args) -> int:
-    from . import loader
-    from .prover import DEFAULT_SEED
-    from .report import render_json, render_text
-    from .verify import builtin_files, verify_paths
+    from derive.language import loader
+    from derive.prover.engine import DEFAULT_SEED
+    from derive.prover.report import render_json, render_text
+    from derive.prover.verify import builtin_files, verify_paths
 
     sources = []
     if not args.files:

@@ -17,6 +17,6 @@ def note_path():
 @pytest.fixture(scope="session")
 def note_report():
     """The note verified once per session (about 3 s)."""
-    from derive.verify import verify_paths
+    from derive.prover.verify import verify_paths
 
     return verify_paths([NOTE])

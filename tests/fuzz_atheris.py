@@ -4,8 +4,8 @@
     python tests/fuzz_atheris.py -atheris_runs=N -max_total_time=S [-input_timeout=T] [CORPUS_DIR ...]
 
 Needs the optional ``atheris`` package (the ``fuzz`` extra).  Each input is, by its first byte,
-an expression for :func:`derive.parser.parse_expression`, a whole file for
-:func:`derive.loader.loads`, or a line put into a valid file.  Acceptable outcomes are a parsed
+an expression for :func:`derive.language.parser.parse_expression`, a whole file for
+:func:`derive.language.loader.loads`, or a line put into a valid file.  Acceptable outcomes are a parsed
 expression that SymPy can print (str and LaTeX), or the tool's own clear error:
 ``ParseError`` / ``DerivationFileError``, whose message must not carry a control or bidi
 character.  Anything else is a finding that libFuzzer saves as ``crash-*``: another exception
@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 with atheris.instrument_imports(include=["derive"]):
-    from derive import loader, parser
-    from derive.loader import DerivationFileError, loads
-    from derive.parser import ParseError, parse_expression
+    from derive.language import loader
+    from derive.language import parser
+    from derive.language.loader import DerivationFileError, loads
+    from derive.language.parser import ParseError, parse_expression
 
 import sympy as sp  # noqa: E402
 

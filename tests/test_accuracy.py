@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from derive import accuracy as A
-from derive import losses
+from derive.measure import accuracy as A
+from derive.runtime import losses
 
 BACKENDS = losses.available_backends()
 

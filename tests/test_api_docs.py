@@ -9,7 +9,7 @@ import re
 import pytest
 
 import derive
-from derive import losses
+from derive.runtime import losses
 
 PUBLIC = [n for n in losses.__all__ if inspect.isfunction(getattr(losses, n)) and n != "available_backends"]
 

@@ -2,7 +2,7 @@
 No timing is asserted (the figures of a tiny run mean nothing)."""
 import json
 
-from derive import bench_kernels
+from derive.measure import bench_kernels
 
 
 def test_bench_smoke_prints_table_and_json(tmp_path, capsys):

@@ -102,7 +102,7 @@ def test_a_file_from_standard_input(tmp_path):
 
 
 def test_standard_input_over_the_size_limit_is_refused_without_reading_it_all(tmp_path):
-    from derive import loader
+    from derive.language import loader
 
     big = "# " + "x" * (loader.MAX_FILE_BYTES + 10) + "\n"
     proc = _derive("verify", "-", stdin=big)

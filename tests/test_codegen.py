@@ -103,7 +103,7 @@ def test_expressions_come_from_the_derivation_file(tmp_path):
 
 def test_every_stable_form_is_proved():
     """The kernels' stable forms are proved (not merely confirmed) by the verifier."""
-    from derive.verify import verify_paths
+    from derive.prover.verify import verify_paths
 
     report = verify_paths([STABLE])
     assert report.exit_code() == 0, [c.to_json() for c in report.failed]
@@ -114,7 +114,7 @@ def test_every_stable_form_is_proved():
                "sigmoid_focal_alpha_loss", "sigmoid_focal_alpha_grad", "focal_star_loss", "focal_star_grad",
                "softmax_focal_loss", "softmax_focal_coef", "softmax_pt_minus_one", "softmax_ce_loss",
                "softmax_ce_coef"}
-    from derive.loader import load_file
+    from derive.language.loader import load_file
 
     assert exports <= set(load_file(STABLE).exports)
 
@@ -127,8 +127,8 @@ def _line(f, derivation, chain, index):
 
 
 def _mp(expr, ctx, values):
-    from derive.functions import rewrite_elementary
-    from derive.prover import Resolver
+    from derive.language.functions import rewrite_elementary
+    from derive.prover.engine import Resolver
 
     import sympy as sp
 
@@ -140,7 +140,7 @@ def _mp(expr, ctx, values):
 @pytest.mark.skipif(not NOTE.exists(), reason="the note's derivation file is not there")
 def test_stable_chains_start_from_the_notes_closed_forms():
     """The line each stable chain starts from is the note's final line, with y = 2t - 1."""
-    from derive.loader import load_file
+    from derive.language.loader import load_file
 
     note, mine = load_file(NOTE), load_file(STABLE)
     pairs = [

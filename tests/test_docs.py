@@ -30,7 +30,7 @@ def _read_tree(root: Path) -> dict:
 @pytest.fixture(scope="session")
 def built(tmp_path_factory):
     """(fresh build as {path: bytes}, the report): the build in a subprocess, concurrently."""
-    from derive.verify import builtin_files, verify_paths
+    from derive.prover.verify import builtin_files, verify_paths
 
     out = tmp_path_factory.mktemp("docs")
     env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -135,7 +135,7 @@ def test_errata_pages_show_the_counterexample_and_the_corrected_line(report, fil
 
 
 def test_each_page_shows_the_note_latex_transcription_and_rule(files):
-    from derive.loader import load_file
+    from derive.language.loader import load_file
 
     df = load_file(ROOT / "derive" / "derivations" / "focal_loss_note.toml")
     for d in df.derivations:
@@ -308,7 +308,7 @@ def test_literal_closed_forms_come_from_the_parsed_files():
 
 
 def test_the_kernel_api_table_names_the_functions_that_call_each_kernel():
-    from derive import losses
+    from derive.runtime import losses
     from derive.codegen.kernels import shipped_kernels
 
     assert set(model.KERNEL_API) == {k.name for k in shipped_kernels()}

@@ -8,9 +8,9 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from derive.loader import DerivationFileError, loads
-from derive.parser import ParseError, parse_expression
-from derive.verify import Report, Verifier
+from derive.language.loader import DerivationFileError, loads
+from derive.language.parser import ParseError, parse_expression
+from derive.prover.verify import Report, Verifier
 
 N = int(os.environ.get("FUZZ_EXAMPLES", "0"))
 

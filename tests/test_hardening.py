@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 LOAD_AND_RUN = (
     "import numpy as np, sys\n"
-    "from derive import cbuild, losses\n"
+    "from derive.runtime import cbuild, losses\n"
     "lib = cbuild.load()\n"
     "x = np.linspace(-30, 30, 101).astype(np.float32); t = (np.arange(101) % 2).astype(np.float32)\n"
     "l, g = losses.sigmoid_focal_loss(x, t, backend='c', return_grad=True)\n"
@@ -56,7 +56,7 @@ def test_verdicts_do_not_depend_on_hash_seed(tmp_path):
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from derive import losses as L  # noqa: E402
+from derive.runtime import losses as L  # noqa: E402
 
 
 def _backends():
@@ -207,7 +207,7 @@ def test_verifying_never_uses_sympys_string_parsing(monkeypatch, note_path):
     import sympy
     from sympy.parsing import sympy_parser
 
-    from derive.verify import verify_paths
+    from derive.prover.verify import verify_paths
 
     def boom(*args, **kwargs):
         raise AssertionError(f"string parsing/eval called with {args[:1]!r}")

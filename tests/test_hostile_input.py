@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from derive import loader, parser
+from derive.language import loader
+from derive.language import parser
 from derive.cli import main
-from derive.loader import DerivationFileError, TextSource, load_file, load_text, loads, read_file, safe_text
-from derive.parser import ParseError, parse_expression
-from derive.report import render_json, render_text, sanitize
-from derive.verify import verify_paths
+from derive.language.loader import DerivationFileError, TextSource, load_file, load_text, loads, read_file, safe_text
+from derive.language.parser import ParseError, parse_expression
+from derive.prover.report import render_json, render_text, sanitize
+from derive.prover.verify import verify_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD = '[symbols]\nx = "real"\n[[derivation]]\nid = "d1"\n[[derivation.chain]]\nid = "c1"\n'
@@ -246,7 +247,7 @@ def test_a_constant_condition_is_decided():
 
 def test_the_shipped_files_parse_as_before():
     """The hardening changes no tree of the shipped files (make verify: same verdicts)."""
-    from derive.verify import builtin_files
+    from derive.prover.verify import builtin_files
 
     for f in builtin_files():
         df = load_file(f)

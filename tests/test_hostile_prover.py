@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import sympy as sp
 
-from derive import prover as P
-from derive.domains import Domain
-from derive.loader import loads
-from derive.prover import CONFIRMED, PROVED, REFUTED, UNPROVED, Prover, time_limit
-from derive.verify import verify_paths
+from derive.prover import engine as P
+from derive.language.domains import Domain
+from derive.language.loader import loads
+from derive.prover.engine import CONFIRMED, PROVED, REFUTED, UNPROVED, Prover, time_limit
+from derive.prover.verify import verify_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -264,7 +264,7 @@ def test_tiny_step_timeout_does_not_kill_the_process(tmp_path):
     code = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from derive.verify import verify_paths
+        from derive.prover.verify import verify_paths
         for _ in range(3):
             r = verify_paths([{str(p)!r}], step_timeout=1e-6)
         time.sleep(0.6)  # a timer left armed (0.2 s repeat) would kill us here with SIGALRM
@@ -290,7 +290,7 @@ def test_six_symbols_with_sixty_values_each(tmp_path):
     code = textwrap.dedent(f"""
         import resource, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from derive.verify import verify_paths
+        from derive.prover.verify import verify_paths
         r = verify_paths([{str(p)!r}])
         for c in r.checks:
             print(c.chain, c.verdict.status, c.verdict.detail)
@@ -399,7 +399,7 @@ def test_verdicts_do_not_depend_on_the_hash_seed(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        from derive.verify import verify_paths
+        from derive.prover.verify import verify_paths
         r = verify_paths([{str(p)!r}])
         for c in r.checks:
             print(c.chain, c.kind, c.verdict.status, c.verdict.method, c.verdict.counterexample, c.verdict.detail)

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from derive import cbuild
-from derive import losses as L
+from derive.runtime import cbuild
+from derive.runtime import losses as L
 
 ROOT = Path(__file__).resolve().parent.parent
 HAVE_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
@@ -53,7 +53,7 @@ def seed_cache(tmp_path_factory):
     if not HAVE_CC:
         pytest.skip("no C compiler")
     cache = tmp_path_factory.mktemp("seed") / "cache"
-    res = _run("from derive import cbuild; print(cbuild.library_path())", _env(cache))
+    res = _run("from derive.runtime import cbuild; print(cbuild.library_path())", _env(cache))
     assert res.returncode == 0, res.stderr
     return cache
 
@@ -116,7 +116,8 @@ def test_the_largest_thread_count_and_a_huge_omp_num_threads_work(seed_cache, tm
     subprocess: a crash is a failure, and the 256-thread pool does not stay in pytest."""
     script = f"""
         import numpy as np
-        from derive import cbuild, losses as L
+        from derive.runtime import cbuild
+        from derive.runtime import losses as L
         rng = np.random.default_rng(1)
         x = rng.uniform(-20, 20, 1 << 17); t = (rng.random(1 << 17) < 0.3).astype(float)
         ref = L.sigmoid_focal_loss(x, t, gamma=0.5, backend="c", threads=1, return_grad=True)
@@ -144,7 +145,8 @@ def test_the_largest_thread_count_and_a_huge_omp_num_threads_work(seed_cache, tm
 _FORK_SCRIPT = """
 import multiprocessing as mp, os, signal, sys, time
 import numpy as np
-from derive import cbuild, losses as L
+from derive.runtime import cbuild
+from derive.runtime import losses as L
 
 rng = np.random.default_rng(2)
 n = 1 << 17
@@ -222,7 +224,8 @@ def test_a_child_forked_after_threads_runs_serially_instead_of_hanging(seed_cach
 
 _LOAD_SCRIPT = """
 import numpy as np
-from derive import cbuild, losses as L
+from derive.runtime import cbuild
+from derive.runtime import losses as L
 real = cbuild.compile_library
 def counting(*a, **kw):
     print("COMPILED", flush=True)
@@ -430,7 +433,8 @@ def test_a_changed_configuration_is_tried_again(tmp_path, isolated, seed_cache):
 _READONLY_SCRIPT = """
 import warnings
 import numpy as np
-from derive import cbuild, losses as L
+from derive.runtime import cbuild
+from derive.runtime import losses as L
 x = np.linspace(-5, 5, 11); t = (x > 0).astype(float)
 with warnings.catch_warnings(record=True) as seen:
     warnings.simplefilter("always")

@@ -16,9 +16,10 @@ import sys
 import numpy as np
 import pytest
 
-from derive import cbuild, kernel_files
+from derive.runtime import cbuild
+from derive.runtime import kernel_files
 from derive.codegen import main as codegen_main
-from derive.loader import DerivationFileError, load_file, loads
+from derive.language.loader import DerivationFileError, load_file, loads
 
 SCALED = """[file]
 title = "Scaled cross-entropies"
@@ -353,7 +354,7 @@ def test_outputs_are_named_after_the_file_without_a_module_key(tmp_path):
 
 
 def test_the_shipped_declarations_are_the_public_functions():
-    from derive import losses
+    from derive.runtime import losses
     from derive.codegen.kernels import shipped_kernels
     from derive.docs import model
 

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import derive
-from derive import cbuild
-from derive import losses as L
-from derive import reference as R
+from derive.runtime import cbuild
+from derive.runtime import losses as L
+from derive.measure import reference as R
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = (np.float32, np.float64)
@@ -582,7 +582,8 @@ def fresh_cache(tmp_path, monkeypatch):
 
 _BUILD_SCRIPT = """
 import numpy as np
-from derive import cbuild, losses
+from derive.runtime import cbuild
+from derive.runtime import losses
 real = cbuild.compile_library
 def counting(*a, **kw):
     print("COMPILED")

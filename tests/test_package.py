@@ -189,7 +189,7 @@ def test_codegen_from_the_wheel_writes_the_committed_bytes_into_the_current_fold
 
 def test_every_loss_function_from_the_wheel_matches_the_checkout(venv, tmp_path):
     import derive
-    from derive import losses
+    from derive.runtime import losses
 
     spec = {name: ([a.tolist() for a in args], kw) for name, (args, kw) in CALLS.items()}
     public = {n for n in losses.__all__ if callable(getattr(losses, n)) and not isinstance(getattr(losses, n), type)}

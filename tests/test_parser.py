@@ -2,8 +2,8 @@
 import pytest
 import sympy as sp
 
-from derive.functions import D, sigmoid, softplus
-from derive.parser import ParseError, parse_expression
+from derive.language.functions import D, sigmoid, softplus
+from derive.language.parser import ParseError, parse_expression
 
 x, y, g = sp.symbols("x y gamma", real=True)
 NAMES = {"x": x, "y": y, "gamma": g}

@@ -4,9 +4,9 @@ import json
 import pytest
 
 from derive.cli import main
-from derive.loader import load_file
-from derive.prover import PROVED, REFUTED
-from derive.verify import ERRATUM, FAIL, Report, Verifier
+from derive.language.loader import load_file
+from derive.prover.engine import PROVED, REFUTED
+from derive.prover.verify import ERRATUM, FAIL, Report, Verifier
 
 
 def test_note_verifies_with_exit_0(note_report):
@@ -87,7 +87,7 @@ def test_domain_aware_strategy_needed_for_factored_softmax_line(note_report, not
     """simplify(a - b) alone does not prove the (1 - p_i)^gamma / (1 - p_i) lines; ours does."""
     import sympy as sp
 
-    from derive.prover import Resolver
+    from derive.prover.engine import Resolver
 
     df = load_file(note_path)
     d = next(d for d in df.derivations if d.id == deriv)

@@ -4,7 +4,7 @@ The kernels are the ``[[kernel]]`` tables of a derivation file: by default
 ``derive/derivations/stable_forms.toml`` (written to ``generated/focal_kernels.*``), or the
 files named on the command line (``derive codegen my_loss.toml --out DIR`` writes
 ``DIR/<module>.py``, ``.c`` and ``.h``, ``<module>`` being the file's ``[file] module`` or
-its stem).  Their expressions (loaded and resolved by :mod:`derive.loader`) are reduced
+its stem).  Their expressions (loaded and resolved by :mod:`derive.language.loader`) are reduced
 by one common-subexpression elimination per kernel and
 printed by SymPy's C99 and NumPy printers (:mod:`derive.codegen.printers`).  The templates
 only supply the loops, the helpers (sigmoid, softplus, xexpm1inv, error-free transforms)
@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..resources import generated_dir, logical_path, templates_dir
+from derive.resources import generated_dir, logical_path, templates_dir
 
 TEMPLATES_DIR = templates_dir()
 #: The generated kernels the runtime loads (the checkout's ``generated/``, or the installed copy).
@@ -98,7 +98,7 @@ def _c_cond(var: str, dom, weight: bool = False) -> str:
 
 
 def _kernel_model(prep, file):
-    from . import kernels as _k
+    from derive.codegen import kernels as _k
 
     spec = prep.spec
     ctx = None
@@ -162,11 +162,11 @@ def _kernel_model(prep, file):
 def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR, file=None, module=None) -> dict:
     """Render every output of one derivation file's kernels; returns {file name: text}.
     ``file``: the file already loaded (from ``derivations``); ``module``: the name of the
-    outputs instead of the file's (``derive.load`` uses the names :mod:`derive.cbuild` loads)."""
+    outputs instead of the file's (``derive.load`` uses the names :mod:`derive.runtime.cbuild` loads)."""
     import jinja2
     import sympy
 
-    from . import kernels as _k
+    from derive.codegen import kernels as _k
 
     derivations = Path(derivations) if derivations is not None else _k.STABLE_FORMS
     file, preps = _k.load_kernels(derivations, file=file)

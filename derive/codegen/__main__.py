@@ -1,6 +1,6 @@
 """python -m derive.codegen: the same as `derive codegen`."""
 import sys
 
-from . import main
+from derive.codegen import main
 
 sys.exit(main())

@@ -1,7 +1,7 @@
 """Which proved expressions make up each kernel, and how they become lines of code.
 
 A kernel here is *data*: a ``[[kernel]]`` table of its derivation file (parsed and checked by
-:mod:`derive.loader` into a ``KernelDecl``) names the exported (proved) lines it evaluates,
+:mod:`derive.language.loader` into a ``KernelDecl``) names the exported (proved) lines it evaluates,
 its layout and parameters.  Every formula comes from the file through the loader: definitions are substituted
 (except the few the template computes itself, see ``weight`` and ``compensated``), the
 outputs of one kernel go through one common-subexpression elimination, and each backend's
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import sympy as sp
 
-from ..loader import DerivationFileError, load_file
-from .printers import C_CONFIGS, abs_key, c_printer, magnitude_rank, numpy_printer, with_sigmoid_pow
+from derive.language.loader import DerivationFileError, load_file
+from derive.codegen.printers import C_CONFIGS, abs_key, c_printer, magnitude_rank, numpy_printer, with_sigmoid_pow
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 STABLE_FORMS = PACKAGE_DIR / "derivations" / "stable_forms.toml"
@@ -23,7 +23,7 @@ STABLE_FORMS = PACKAGE_DIR / "derivations" / "stable_forms.toml"
 
 def shipped_kernels() -> tuple:
     """The kernels declared by the ``[[kernel]]`` tables of stable_forms.toml (loader.KernelDecl),
-    in file order: the ones generated/ holds and derive.losses calls."""
+    in file order: the ones generated/ holds and derive.runtime.losses calls."""
     global _SHIPPED
     if _SHIPPED is None:
         _SHIPPED = tuple(load_file(STABLE_FORMS).kernels)

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .model import build_model
+from derive.docs.model import build_model
 
 #: Where ``derive docs`` writes by default: ``./docs`` in the current folder (in a checkout,
 #: ``make docs`` runs from its root, so that is the committed ``docs/``).
@@ -67,8 +67,8 @@ def missing_checks(report, files: dict) -> list:
     import re
     from pathlib import PurePosixPath
 
-    from .model import check_label
-    from .render import HTML, MD, page_path
+    from derive.docs.model import check_label
+    from derive.docs.render import HTML, MD, page_path
 
     texts = {}
     missing = []
@@ -86,11 +86,11 @@ def missing_checks(report, files: dict) -> list:
 
 def build(report=None, *, plots: bool = True, step_timeout: float = 4.0) -> dict:
     """Every file of docs/ as {relative path: bytes}."""
-    from . import plots as P
-    from .render import render_all
+    from derive.docs import plots as P
+    from derive.docs.render import render_all
 
     if report is None:
-        from ..verify import builtin_files, verify_paths
+        from derive.prover.verify import builtin_files, verify_paths
 
         report = verify_paths(builtin_files(), step_timeout=step_timeout)
     if report.errors:
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        from ..verify import builtin_files, verify_paths
+        from derive.prover.verify import builtin_files, verify_paths
 
         report = verify_paths(builtin_files())
         if report.exit_code() != 0:

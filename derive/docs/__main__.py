@@ -1,6 +1,6 @@
 """python -m derive.docs: build docs/ (see derive.docs)."""
 import sys
 
-from . import main
+from derive.docs import main
 
 sys.exit(main())

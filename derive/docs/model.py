@@ -1,7 +1,7 @@
 """What the documentation shows, as plain data built from one verification report.
 
-Everything here comes from :func:`derive.verify.verify_paths` (verdicts, strategies,
-counterexamples, the SymPy LaTeX of each parsed line) and :func:`derive.loader.load_file`
+Everything here comes from :func:`derive.prover.verify.verify_paths` (verdicts, strategies,
+counterexamples, the SymPy LaTeX of each parsed line) and :func:`derive.language.loader.load_file`
 (the note's own LaTeX, the rules, the errata): nothing about a derivation is typed here.
 Both renderings (Markdown and HTML) are made from the same objects, in the files' order.
 Times are left out on purpose: they change from run to run, and ``docs/`` must not.
@@ -14,12 +14,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..loader import load_file
-from ..prover import CONFIRMED, PROVED, REFUTED, STRATEGIES, UNPROVED
-from ..verify import ERRATUM, FAIL, OK, Report
-from .mathtex import Math, MathRenderer, latex_of
+from derive.language.loader import load_file
+from derive.prover.engine import CONFIRMED, PROVED, REFUTED, STRATEGIES, UNPROVED
+from derive.prover.verify import ERRATUM, FAIL, OK, Report
+from derive.docs.mathtex import Math, MathRenderer, latex_of
 
-from ..resources import generated_dir, logical_path
+from derive.resources import generated_dir, logical_path
 
 VERDICTS = (PROVED, CONFIRMED, REFUTED, UNPROVED)
 
@@ -30,9 +30,9 @@ def __getattr__(name):  # PEP 562: computed on first use (reading the derivation
 
 
 def kernel_api() -> dict:
-    """The Python functions of derive.losses that call each generated kernel: the ``functions``
+    """The Python functions of derive.runtime.losses that call each generated kernel: the ``functions``
     key of each ``[[kernel]]`` table of stable_forms.toml (tests check it).  ``KERNEL_API``."""
-    from ..codegen.kernels import shipped_kernels
+    from derive.codegen.kernels import shipped_kernels
 
     return {k.name: tuple(k.functions) for k in shipped_kernels()}
 
@@ -257,7 +257,7 @@ class _Builder:
             errata += ferr
         docs = Docs(rep, files, pages, errata, stable, _kernels(), dict(STRATEGIES), rep.seed, self.step_timeout,
                     self.math.log)
-        from ..accuracy import BOUNDS
+        from derive.measure.accuracy import BOUNDS
 
         docs.bounds = dict(BOUNDS)
         for f in files:
@@ -321,7 +321,7 @@ class _Builder:
 
 
 def _export_users():
-    from ..codegen.kernels import shipped_kernels
+    from derive.codegen.kernels import shipped_kernels
 
     users = {}
     for spec in shipped_kernels():
@@ -353,8 +353,8 @@ def _function_source(path: Path, name: str) -> str:
 
 
 def _kernels():
-    from .. import losses
-    from ..codegen.kernels import shipped_kernels
+    from derive.runtime import losses
+    from derive.codegen.kernels import shipped_kernels
 
     gen = generated_dir()
     views = []

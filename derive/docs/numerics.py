@@ -26,7 +26,7 @@ import mpmath
 import numpy as np
 import sympy as sp
 
-from ..resources import derivations_dir, generated_dir
+from derive.resources import derivations_dir, generated_dir
 
 GENERATED_PY = generated_dir() / "focal_kernels.py"
 NOTE = derivations_dir() / "focal_loss_note.toml"
@@ -152,7 +152,7 @@ _CR_MODULE = {"exp": CR_NUMPY.exp, "log": CR_NUMPY.log, "cr_power": CR_NUMPY.pow
 def lambdify_literal(args, expr):
     """``expr`` (exp, log, powers: nothing rewritten to a stable form) as a NumPy function whose
     transcendental functions are correctly rounded; evaluated in the arrays' dtype."""
-    from ..functions import rewrite_elementary
+    from derive.language.functions import rewrite_elementary
 
     expr = rewrite_elementary(expr)
     expr = expr.replace(lambda e: e.is_Pow, lambda e: cr_power(e.base, e.exp))
@@ -161,15 +161,15 @@ def lambdify_literal(args, expr):
 
 @functools.lru_cache(maxsize=None)
 def _stable_file():
-    from ..codegen.kernels import STABLE_FORMS
-    from ..loader import load_file
+    from derive.codegen.kernels import STABLE_FORMS
+    from derive.language.loader import load_file
 
     return load_file(STABLE_FORMS)
 
 
 @functools.lru_cache(maxsize=None)
 def _note_file():
-    from ..loader import load_file
+    from derive.language.loader import load_file
 
     return load_file(NOTE)
 
@@ -184,7 +184,7 @@ def _stable_chain(export):
 def literal_line(export):
     """(derivation, chain, line index) of the note's closed form behind an exported stable form:
     the chain's first line, or the line after it when the first is a derivative D(...)."""
-    from ..functions import D
+    from derive.language.functions import D
 
     d, c = _stable_chain(export)
     return d, c, (1 if c.lines[0].expr.has(D) else 0)
@@ -193,7 +193,7 @@ def literal_line(export):
 @functools.lru_cache(maxsize=None)
 def literal_elementwise(name):
     """(loss_fn, grad_fn) of an elementwise kernel's literal closed form, functions of (x, t, *params)."""
-    from ..codegen.kernels import shipped_kernels
+    from derive.codegen.kernels import shipped_kernels
 
     spec = next(k for k in shipped_kernels() if k.name == name)
     out = []
@@ -208,7 +208,7 @@ def literal_elementwise(name):
 
 def describe_literal(name) -> str:
     """Where a kernel's literal closed form comes from, for the figure captions."""
-    from ..codegen.kernels import shipped_kernels
+    from derive.codegen.kernels import shipped_kernels
 
     spec = next(k for k in shipped_kernels() if k.name == name)
     if spec.kind == "elementwise":

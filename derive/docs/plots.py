@@ -2,7 +2,7 @@
 
 Every curve is an output of ``generated/focal_kernels.py`` (see :mod:`derive.docs.numerics`
 for why its transcendental functions are the correctly rounded ones here); the references are
-:mod:`derive.reference` (mpmath at 40+ digits, from the original definitions) and the "literal
+:mod:`derive.measure.reference` (mpmath at 40+ digits, from the original definitions) and the "literal
 closed form" is the note's expression lambdified from the parsed derivation files.  No formula
 is typed in this module.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import mpmath
 import numpy as np
 
-from . import numerics as N
+from derive.docs import numerics as N
 
 GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 STAR_PAIRS = ((1.0, 0.0), (2.0, 1.0), (4.0, 0.0))  # (gamma, beta); FL* with (1, 0) is cross-entropy
@@ -199,8 +199,8 @@ def _typed(params, dtype):
 def accuracy_data(name, dtype):
     """(x, {"kernel"|"literal": (loss, grad)}, (reference loss, reference grad)) for label t = 1;
     softmax rows are (x, 0, 0) with target 0 and the gradient is the target's."""
-    from .. import reference as R
-    from ..codegen.kernels import shipped_kernels
+    from derive.measure import reference as R
+    from derive.codegen.kernels import shipped_kernels
 
     spec = next(k for k in shipped_kernels() if k.name == name)
     x = accuracy_grid(dtype)
@@ -233,7 +233,7 @@ def accuracy_data(name, dtype):
 
 def _log_errors(computed, reference, dtype):
     """log10 of the relative error, clipped to [FLOOR, TOP]; and the mask of non-finite values."""
-    from .. import reference as R
+    from derive.measure import reference as R
 
     comp = np.asarray(computed)
     bad = ~np.isfinite(comp.astype(np.float64))
@@ -252,8 +252,8 @@ def _log_errors(computed, reference, dtype):
 
 
 def fig_accuracy(name):
-    from ..accuracy import BOUNDS
-    from ..codegen.kernels import shipped_kernels
+    from derive.measure.accuracy import BOUNDS
+    from derive.codegen.kernels import shipped_kernels
 
     spec = next(k for k in shipped_kernels() if k.name == name)
     fig, axes = _new_figure(9.0, 6.2, 2, 2, sharex=True)
@@ -295,7 +295,7 @@ def fig_accuracy(name):
 
 
 def figure_list():
-    from ..codegen.kernels import shipped_kernels
+    from derive.codegen.kernels import shipped_kernels
 
     figs = [
         Figure("focal_loss_vs_pt", "Focal loss against p_t",

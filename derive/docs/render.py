@@ -12,9 +12,9 @@ import re
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
 
-from . import mathtex
-from ..resources import templates_dir
-from .model import Docs
+from derive.docs import mathtex
+from derive.resources import templates_dir
+from derive.docs.model import Docs
 
 TEMPLATES = templates_dir() / "docs"
 

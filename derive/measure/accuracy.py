@@ -5,7 +5,7 @@ loss and of the gradient over logits on a grid over [-30, 30] (both labels; alph
 {0.25, 1} and "off"; beta in {0, 1} for FL*; softmax rows with K in {2, 80, 1000}, random
 logits in [-30, 30], targets that dominate by 60 or lose by 60, scalar and per-class alpha).
 The error is |computed - exact| / max(|exact|, smallest normal), the exact value coming from
-:mod:`derive.reference` (the original definitions at 40+ digits).  The "beyond" column checks
+:mod:`derive.measure.reference` (the original definitions at 40+ digits).  The "beyond" column checks
 logits at +-1e4 and +-(largest finite value), and softmax rows where the target dominates
 (or is dominated) by 1e3: every value finite and correctly signed.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import reference as R
+from derive.measure import reference as R
 
 BOUNDS = {"float32": 2e-6, "float64": 4e-15}
 GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0, 5.0)
@@ -48,7 +48,7 @@ class Row:
 
 
 def _kernel_fn(name, backend):
-    from . import losses as L
+    from derive.runtime import losses as L
 
     if name == "sigmoid_ce":
         return lambda x, t, p: L.sigmoid_cross_entropy(x, t, backend=backend, return_grad=True)
@@ -198,7 +198,7 @@ def measure_softmax(name, dtype, backend, gamma, rows=None, ks=SOFTMAX_K):
 
 
 def measure(backends=("c", "numpy"), points=1201, softmax_rows=None, kernels=None, gammas=GAMMAS, softmax_k=SOFTMAX_K):
-    from .codegen.kernels import shipped_kernels
+    from derive.codegen.kernels import shipped_kernels
 
     rows = []
     for spec in shipped_kernels():
@@ -246,13 +246,13 @@ def main(argv=None) -> int:
     if args.quick:
         args.points, softmax_rows, softmax_k = min(args.points, 61), 4, SOFTMAX_K[:2]
     if args.kernel:
-        from .codegen.kernels import shipped_kernels
+        from derive.codegen.kernels import shipped_kernels
 
         known = [s.name for s in shipped_kernels()]
         unknown = [k for k in args.kernel if k not in known]
         if unknown:
             parser.error(f"unknown kernel {', '.join(unknown)}; known: {', '.join(known)}")
-    from . import losses
+    from derive.runtime import losses
 
     backends = ["c", "numpy"] if args.backend == "both" else [args.backend]
     if "c" in backends and "c" not in losses.available_backends():

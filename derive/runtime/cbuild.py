@@ -42,7 +42,7 @@ import threading
 import time
 from pathlib import Path
 
-from .resources import generated_dir
+from derive.resources import generated_dir
 
 #: The generated kernels: the checkout's ``generated/``, or the copy a wheel carries (derive.resources).
 GENERATED_DIR = generated_dir()

@@ -6,7 +6,7 @@ respect to the logits) in the logits' dtype, computed in one fused pass by the g
 kernels:
 
 * ``backend="c"``: the generated C library (compiled on first use and cached, see
-  :mod:`derive.cbuild`), or :class:`derive.cbuild.BuildError` naming why it cannot be built
+  :mod:`derive.runtime.cbuild`), or :class:`derive.runtime.cbuild.BuildError` naming why it cannot be built
   or loaded; ``backend="numpy"``: the generated NumPy module; ``backend="auto"`` (default):
   C when the library builds and loads, else NumPy with one
   :class:`CBackendUnavailableWarning` naming the cause (no compiler, an unusable cache
@@ -52,7 +52,7 @@ from typing import Literal, Optional, Sequence, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import cbuild
+from derive.runtime import cbuild
 
 #: ``reduction=`` values, ``backend=`` values, the ``out=`` pair, and what a loss returns
 Reduction = Literal["none", "sum", "mean"]
@@ -298,7 +298,7 @@ TypeError
     A dtype or a type that is not accepted (each message names the argument).
 ValueError
     {value_errors}; a bad `reduction`, `backend`, `threads` or `out`.
-derive.cbuild.BuildError
+derive.runtime.cbuild.BuildError
     ``backend="c"`` and the C library cannot be compiled or loaded (the message says why).
 
 Notes

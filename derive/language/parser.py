@@ -36,7 +36,7 @@ from typing import Callable, Mapping
 
 import sympy as sp
 
-from .functions import D, expm1, log1p, sigmoid, softplus, xexpm1inv
+from derive.language.functions import D, expm1, log1p, sigmoid, softplus, xexpm1inv
 
 MAX_LENGTH = 20_000
 MAX_DEPTH = 32  # the shipped files nest 6 deep; SymPy's printers and algorithms recurse per level

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import mpmath
 import sympy as sp
 
-from .domains import Domain
-from .functions import D, expm1, log1p, rewrite_elementary, sigmoid, softplus, xexpm1inv
+from derive.language.domains import Domain
+from derive.language.functions import D, expm1, log1p, rewrite_elementary, sigmoid, softplus, xexpm1inv
 
 PROVED, CONFIRMED, REFUTED, UNPROVED = "proved", "numerically confirmed", "refuted", "unproved"
 

@@ -7,9 +7,9 @@ it when a line a kernel uses is not proved, renders the kernels with the same te
 the shipped ones into a private cache folder keyed by the generated sources' hash
 (``$DERIVE_CACHE_DIR/kernel-sources/<hash>``, not the package), and returns an object with one
 function per kernel, named by the kernel.  Each function has the conventions of the shipped
-losses (:mod:`derive.losses`): ``reduction``, ``return_grad``, ``out=``, ``backend``,
+losses (:mod:`derive.runtime.losses`): ``reduction``, ``return_grad``, ``out=``, ``backend``,
 ``threads``, the same argument checks and errors, the C library built and cached by
-:mod:`derive.cbuild` on first use.
+:mod:`derive.runtime.cbuild` on first use.
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import hashlib
 import inspect
 from pathlib import Path
 
-from . import cbuild, losses
-from .loader import DerivationFileError, load_file
+from derive.runtime import cbuild
+from derive.runtime import losses
+from derive.language.loader import DerivationFileError, load_file
 
 #: the sub-folder of the kernel cache that holds the generated sources of loaded files
 SOURCES_DIR = "kernel-sources"
@@ -36,7 +37,7 @@ def _label(c) -> str:
 
 def _check_proved(f, step_timeout, timeout):
     """Verify the file; NotProvedError listing every failing check a kernel depends on."""
-    from .verify import FAIL, Report, Verifier
+    from derive.prover.verify import FAIL, Report, Verifier
 
     report = Report()
     Verifier(step_timeout=step_timeout, timeout=timeout).verify_file(f, report)
@@ -133,7 +134,7 @@ def _doc(decl, path) -> str:
         lines.append(f"{p} : float in {_describe_domain(decl.domains[p])}{extra}"
                      + (f", default {d!r}" if d is not None else ""))
     lines += [f'reduction : "none" (one loss per {unit}), "sum" or "mean"',
-              'backend : "auto", "c" or "numpy"; return_grad, threads, out: as for derive.losses']
+              'backend : "auto", "c" or "numpy"; return_grad, threads, out: as for derive.runtime.losses']
     return "\n".join(lines)
 
 
@@ -195,7 +196,7 @@ def load(path, *, step_timeout: float = 4.0, timeout: float | None = None) -> Lo
     :class:`NotProvedError` listing the failing checks when a line a kernel uses is not
     proved), generated into a private cache folder, and returned as an object with one function
     per kernel.  The C library is compiled on the first call with ``backend="c"`` or "auto"."""
-    from .codegen import render_all
+    from derive.codegen import render_all
 
     f = load_file(path)
     if not f.kernels:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import textwrap
 
-from .loader import safe_text
-from .prover import CONFIRMED, PROVED, REFUTED, UNPROVED
-from .verify import ERRATUM, FAIL, OK, Report
+from derive.language.loader import safe_text
+from derive.prover.engine import CONFIRMED, PROVED, REFUTED, UNPROVED
+from derive.prover.verify import ERRATUM, FAIL, OK, Report
 
 _MARK = {PROVED: "proved", CONFIRMED: "CONFIRMED (numeric only)", REFUTED: "REFUTED", UNPROVED: "UNPROVED"}
 

@@ -18,22 +18,22 @@ import mpmath
 import numpy as np
 import sympy as sp
 
-from .functions import D, rewrite_elementary
-from .loader import load_file
+from derive.language.functions import D, rewrite_elementary
+from derive.language.loader import load_file
 
 BASE_DPS = 40
 
 
 @functools.lru_cache(maxsize=None)
 def _file():
-    from .codegen.kernels import STABLE_FORMS
+    from derive.codegen.kernels import STABLE_FORMS
 
     return load_file(STABLE_FORMS)
 
 
 @functools.lru_cache(maxsize=None)
 def _specs():
-    from .codegen.kernels import shipped_kernels
+    from derive.codegen.kernels import shipped_kernels
 
     return {k.name: k for k in shipped_kernels()}
 
@@ -50,7 +50,7 @@ def _original(export, line=0, off=None):
     """The chain's line (default: the first), with derivatives resolved and definitions expanded.
 
     ``off`` names a weight definition (alpha_t) to replace by 1: torchvision's alpha < 0."""
-    from .prover import Resolver
+    from derive.prover.engine import Resolver
 
     d, c = _chain(export)
     expr = c.lines[line].expr

@@ -1,6 +1,6 @@
 """``make bench``: figures, not assertions.
 
-Kernel speed beside the peers (:mod:`derive.bench_kernels`: forward + backward per element,
+Kernel speed beside the peers (:mod:`derive.measure.bench_kernels`: forward + backward per element,
 bandwidth floor, ratios, JSON in out/bench-kernels.json), then the verification time of the shipped derivation files, cold, in a fresh process each run (SymPy
 import and parsing included), as the issue asks: under 10 s on a 2-core machine.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def bench_verify(runs: int = 3) -> dict:
-    from .verify import builtin_files
+    from derive.prover.verify import builtin_files
 
     files = [str(p) for p in builtin_files()]
     note = [f for f in files if f.endswith("focal_loss_note.toml")]
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             raise OSError("not a writable file path")
     except OSError as exc:
         parser.error(f"--json {args.json}: cannot write there ({exc.strerror or exc})")
-    from . import bench_kernels
+    from derive.measure import bench_kernels
 
     kw = {"peers": not args.no_peers}
     if args.quick:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import sympy as sp
 
-from .loader import DerivationFile, TextSource, load_file, load_text
-from .prover import CONFIRMED, DEFAULT_SEED, PROVED, REFUTED, UNPROVED, Prover, Verdict
+from derive.language.loader import DerivationFile, TextSource, load_file, load_text
+from derive.prover.engine import CONFIRMED, DEFAULT_SEED, PROVED, REFUTED, UNPROVED, Prover, Verdict
 
 OK, ERRATUM, FAIL = "ok", "erratum", "fail"
 
@@ -166,7 +166,7 @@ class Verifier:
         self.done += 1
         if self.progress is None:
             return
-        from .loader import safe_text
+        from derive.language.loader import safe_text
 
         try:
             self.progress(safe_text(path), safe_text(deriv.id), self.done, max(self.total, self.done))
@@ -217,7 +217,7 @@ class Verifier:
 
     def _instances(self, prover, lhs, rhs, check):
         """Numeric confirmation of a step for each concrete instance (e.g. K = 2, 3, 7 classes)."""
-        from .prover import StrategyTimeout, time_limit
+        from derive.prover.engine import StrategyTimeout, time_limit
 
         if not prover.instances or check.verdict.status == REFUTED:
             return
@@ -354,7 +354,7 @@ def verify_paths(paths, *, seed=DEFAULT_SEED, step_timeout=4.0, timeout=None, al
     files); ``file`` is the path as given and both strings are already made safe to print
     (loader.safe_text).  An exception from it turns the progress display off.
     """
-    from .loader import DerivationFileError
+    from derive.language.loader import DerivationFileError
 
     t0 = time.monotonic()
     report = Report(seed=seed, allow_numeric=allow_numeric)

@@ -2,14 +2,14 @@
 
 The format is documented in README.md ("Writing your own derivation file").  Every error
 names the file, the derivation, the chain and the line it is about, and carries the file's
-line number where one can be found.  Expressions go through :mod:`derive.parser`; no file
+line number where one can be found.  Expressions go through :mod:`derive.language.parser`; no file
 content is ever evaluated as code.
 
 Reading is bounded: only regular files are opened (a FIFO or a device is refused before it is
 opened, so nothing blocks), at most MAX_FILE_BYTES + 1 bytes are ever read, line numbers are
 found through an index built once (loading is near-linear in the file's size: 20,000 symbols
 load in well under a second), and every expression is parsed in bounded time (see
-:mod:`derive.parser`).  ``loads(..., deadline=)`` also stops at a time.monotonic() deadline,
+:mod:`derive.language.parser`).  ``loads(..., deadline=)`` also stops at a time.monotonic() deadline,
 which ``derive verify --timeout`` sets.  Error messages escape control and bidi characters.
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import sympy as sp
 
-from .domains import Domain, DomainError
-from .functions import D
-from .parser import ParseError, check_name, parse_expression
+from derive.language.domains import Domain, DomainError
+from derive.language.functions import D
+from derive.language.parser import ParseError, check_name, parse_expression
 
 try:  # Python 3.11+
     import tomllib
@@ -477,7 +477,7 @@ def _domain(text, what, err, lineno=None):
 
 
 #: A backstop on the time one expression may take to parse.  Parsing is polynomial (see
-#: derive.parser), but SymPy's automatic evaluation of some shapes (abs(x - abs(x - ...)) nested
+#: derive.language.parser), but SymPy's automatic evaluation of some shapes (abs(x - abs(x - ...)) nested
 #: 30 deep) takes a good part of a second, and a 20,000-character expression holds many of
 #: them.  None: no limit.  ``--timeout`` (the loader's deadline) also bounds each expression.
 PARSE_SECONDS = 20.0
@@ -494,7 +494,7 @@ def _parse(text, names, loc):
         limit = left if limit is None else min(limit, left)
     if limit is None:
         return parse_expression(text, names)
-    from .prover import StrategyTimeout, time_limit
+    from derive.prover.engine import StrategyTimeout, time_limit
 
     try:
         with time_limit(limit):
@@ -752,7 +752,7 @@ class KernelDecl:
     defaults: dict  # param -> float
     domains: dict  # param -> Domain (in the derivation of the exports)
     derivation: str  # the derivation the exports come from
-    functions: tuple = ()  # public Python functions that call this kernel (derive.losses)
+    functions: tuple = ()  # public Python functions that call this kernel (derive.runtime.losses)
     weight: str | None = None  # a definition evaluated only when alpha >= 0 (else 1)
     compensated: tuple | None = None  # (definition, factor): formed as factor*b + c, error-free
     class_alpha: bool = False  # softmax: alpha is a scalar or a per-class vector

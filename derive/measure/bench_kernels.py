@@ -238,7 +238,8 @@ print(reused, fresh, out_bytes)
 
 def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, gammas=GAMMAS, dtypes=DTYPES, threads=None, repeats=7,
         peers=True, memory=True):
-    from . import cbuild, losses
+    from derive.runtime import cbuild
+    from derive.runtime import losses
 
     all_threads = os.cpu_count() or 1
     thread_counts = threads or sorted({1, all_threads})
