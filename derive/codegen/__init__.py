@@ -43,11 +43,9 @@ OUTPUTS = {SHIPPED_MODULE + suffix: tmpl for suffix, tmpl in TEMPLATES.items()}
 
 def module_name(file) -> str:
     """The name of a loaded derivation file's generated files: ``[file] module``, else its stem."""
-    if file.module:
-        return file.module
-    stem = Path(str(file.path)).stem
-    name = re.sub(r"[^A-Za-z0-9_]", "_", stem)
-    return name if re.fullmatch(r"[A-Za-z_]\w*", name) else "k_" + name
+    from derive.language.loader import module_name as _name
+
+    return _name(file.path, file.module)
 
 
 def output_names(file) -> list:
@@ -114,6 +112,9 @@ def _kernel_model(prep, file):
     model = {
         "name": spec.name,
         "kind": spec.kind,
+        "target": spec.target,
+        "soft": getattr(spec, "soft", None),
+        "conditioned": getattr(spec, "conditioned", None),
         "title": spec.title,
         "params": list(spec.params),
         "params_py": repr(tuple(spec.params)),
@@ -142,6 +143,8 @@ def _kernel_model(prep, file):
         fname = f"derive_{spec.name}_{dt}"
         if spec.kind == "elementwise":
             args = [f"size_t n", f"const {T} *x", f"const {T} *t"] + [f"{T} {p}" for p in spec.params]
+        elif spec.kind == "rowprobs":
+            args = ["size_t n", "size_t k", f"const {T} *x", f"const {T} *q"] + [f"{T} {p}" for p in spec.params]
         else:
             args = ["size_t n", "size_t k", f"const {T} *x", "const int64_t *target"]
             for p in spec.params:
@@ -152,6 +155,8 @@ def _kernel_model(prep, file):
             args.append("int64_t ignore_index")
         args += [f"{T} *loss", f"{T} *grad"]
         model["c_proto"][dt] = f"int {fname}({', '.join(args)})"
+    model["uses_t"] = any(sym.name == "ti" for e in prep.exprs.values() for sym in e.free_symbols) or any(
+        sym.name == "ti" for e in prep.extra_exprs.values() for sym in e.free_symbols)
     # gamma appears as an exponent: the C driver passes integer gammas as constants (pow(v, 2) -> v*v)
     printed = model["code"]["f64"]
     c_text = " ".join([e for _, e in printed.temps] + list(printed.outputs.values()))

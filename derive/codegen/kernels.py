@@ -36,6 +36,14 @@ _SHIPPED = None
 # Names the templates give the symbols they supply.
 ELEMENT_VARS = {"x": "xi", "t": "ti", "zh": "zh", "zl": "zl"}
 ROW_VARS = {"u": "u", "alpha": "alpha_t"}
+#: class_probs: u = log p_k, q = the target probability of class k, K = the number of classes (a float)
+PROB_VARS = {"u": "u", "q": "qk", "K": "kf"}
+#: the template's variables, per KernelDecl.kind
+TEMPLATE_VARS = {"elementwise": ELEMENT_VARS, "rowwise": ROW_VARS, "rowprobs": PROB_VARS}
+#: output name -> export role, per KernelDecl.kind
+OUTPUT_ROLES = {"elementwise": {"loss": "loss", "grad": "grad"},
+                "rowwise": {"loss": "loss", "coef": "coef", "target": "target_factor"},
+                "rowprobs": {"term": "term", "dterm": "dterm"}}
 
 
 @dataclass
@@ -84,11 +92,8 @@ def _rename(expr, mapping):
 
 def prepare(spec, f) -> Prepared:
     """The SymPy expressions of one kernel, in the variables its template provides."""
-    if spec.kind == "elementwise":
-        outs = {"loss": spec.loss, "grad": spec.grad}
-    else:
-        outs = {"loss": spec.loss, "coef": spec.coef, "target": spec.target_factor}
-    ctx, did = _context_of(f, spec.loss)
+    outs = {out: spec.exports[role] for out, role in OUTPUT_ROLES[spec.kind].items()}
+    ctx, did = _context_of(f, next(iter(outs.values())))
     for export in outs.values():  # the loader checked these; a KernelDecl built by hand may not be
         if export not in f.exports:
             raise DerivationFileError(f.path, f"the file exports no {export!r}", kernel=spec.name)
@@ -121,7 +126,7 @@ def prepare(spec, f) -> Prepared:
         zh, zl = sp.Symbol("zh", real=True), sp.Symbol("zl", real=True)
         # first-order correction: f(z_hi + z_lo) = f(z_hi) + f'(z_hi) z_lo + O(z_lo^2)
         exprs = {k: v.xreplace({zsym: zh}) + sp.diff(v, zsym).xreplace({zsym: zh}) * zl for k, v in exprs.items()}
-    mapping = ELEMENT_VARS if spec.kind == "elementwise" else ROW_VARS
+    mapping = TEMPLATE_VARS[spec.kind]
     exprs = {k: _rename(v, mapping) for k, v in exprs.items()}
     allowed = set(mapping.values()) | set(spec.params) | ({spec.weight} if getattr(spec, "weight", None) else set())
     for k, v in exprs.items():

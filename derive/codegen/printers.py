@@ -144,8 +144,41 @@ class KernelCPrinter(_SafeMulMixin, C99CodePrinter):
         v, g = expr.args
         return "derive_sigmoid_pow%s(%s, %s)" % (self.config.suffix, self._print(v), self._print(g))
 
+    def _print_Piecewise(self, expr):
+        # where(c, a, b) as one ternary: only the selected value reaches the result (a vectorized select
+        # may compute both, but an inf or NaN of the other branch is discarded, never combined)
+        *pieces, (last, cond) = _pieces(expr)
+        text = self._print(last)
+        for e, c in reversed(pieces):
+            text = "(%s ? %s : %s)" % (self._print(c), self._print(e), text)
+        return text
+
+    def _print_Max(self, expr):
+        # selects, and a + b when neither comparison holds: a NaN of either argument stays NaN (fmax drops it)
+        return _fold(expr.args, lambda a, b: "(%s < %s ? %s : (%s >= %s ? %s : %s + %s))" % (a, b, b, a, b, a, a, b),
+                     self._print)
+
+    def _print_Min(self, expr):
+        return _fold(expr.args, lambda a, b: "(%s > %s ? %s : (%s <= %s ? %s : %s + %s))" % (a, b, b, a, b, a, a, b),
+                     self._print)
+
     def _print_D(self, expr):  # pragma: no cover - a derivative can never reach a kernel
         raise ValueError("an unresolved derivative D(...) cannot be printed as code")
+
+
+def _pieces(expr):
+    """The (value, condition) pairs of a Piecewise whose last condition is True (as where(c, a, b) gives)."""
+    pieces = list(expr.args)
+    if pieces[-1][1] != sp.true:
+        raise ValueError(f"a Piecewise without an otherwise branch cannot be printed: {expr}")
+    return pieces
+
+
+def _fold(args, pair, prn):
+    text = prn(args[-1])
+    for a in reversed(args[:-1]):
+        text = pair(prn(a), text)
+    return text
 
 
 class KernelNumPyPrinter(_SafeMulMixin, NumPyPrinter):
@@ -190,6 +223,20 @@ class KernelNumPyPrinter(_SafeMulMixin, NumPyPrinter):
         if exp.is_Number:
             return "numpy.power(%s, %s)" % (self._print(base), self._print(exp))
         return "_pow(%s, %s)" % (self._print(base), self._print(exp))
+
+    def _print_Piecewise(self, expr):
+        # numpy.where selects per element: an inf or NaN of the branch not taken never reaches the result
+        *pieces, (last, cond) = _pieces(expr)
+        text = self._print(last)
+        for e, c in reversed(pieces):
+            text = "numpy.where(%s, %s, %s)" % (self._print(c), self._print(e), text)
+        return text
+
+    def _print_Max(self, expr):  # numpy.maximum propagates NaN
+        return _fold(expr.args, lambda a, b: "numpy.maximum(%s, %s)" % (a, b), self._print)
+
+    def _print_Min(self, expr):
+        return _fold(expr.args, lambda a, b: "numpy.minimum(%s, %s)" % (a, b), self._print)
 
     def _print_D(self, expr):  # pragma: no cover
         raise ValueError("an unresolved derivative D(...) cannot be printed as code")

@@ -462,7 +462,7 @@ def loads(text: str, path="<string>", deadline=None) -> DerivationFile:
             chains.append(chain)
         instances, inst_syms = _load_instances(rd.get("instances", {}), ctx, derr, loc, d_line)
         derivations.append(Derivation(did, rd.get("title", did), chains, ctx, rd.get("note"), instances, inst_syms))
-    kernels = _load_kernels(data.get("kernel", []), derivations, exports, export_from, path, loc)
+    kernels = _load_kernels(data.get("kernel", []), derivations, exports, export_from, path, loc, module)
     return DerivationFile(path, title, source, file_ctx, derivations, exports, export_from, kernels, module)
 
 
@@ -725,18 +725,42 @@ def _load_instances(raw, ctx, derr, loc, d_line):
 
 #: at most this many [[kernel]] tables per file (each is printed into three generated files)
 MAX_KERNELS = 64
-#: the layouts the templates know, the target kind each takes, and the export roles each needs
-LAYOUTS = {
-    "elementwise": {"target": "binary", "exports": ("loss", "grad"),
-                    "options": ("weight", "compensated")},
-    "softmax": {"target": "class_index", "exports": ("loss", "coef", "target_factor"),
-                "options": ("class_alpha",)},
+#: what each target kind means, the layout that takes it, the export roles it needs and its own options
+TARGET_SPECS = {
+    "binary": {"layout": "elementwise", "exports": ("loss", "grad"), "options": ("weight", "compensated", "soft"),
+               "what": "labels t in {0, 1}, elementwise over any shape"},
+    "soft": {"layout": "elementwise", "exports": ("loss", "grad"), "options": ("weight", "compensated"),
+             "what": "targets t in [0, 1] (t declared with domain [0, 1]), elementwise over any shape"},
+    "class_index": {"layout": "softmax", "exports": ("loss", "coef", "target_factor"), "options": ("class_alpha",),
+                    "what": "integer class indices over the last axis of (N, K) logits, with an ignore label"},
+    "class_probs": {"layout": "softmax", "exports": ("term", "dterm"), "options": (),
+                    "what": "an (N, K) array of class probabilities q (q declared with domain [0, 1]); "
+                            "term = l(u, q, K) per class, dterm = D(term, u)"},
 }
-#: what each target kind means (the only ones the templates evaluate for now)
-TARGETS = {"binary": "labels t in {0, 1}, elementwise over any shape",
-           "class_index": "integer class indices over the last axis of (N, K) logits, with an ignore label"}
-_KERNEL_COMMON = ("name", "title", "layout", "target", "params", "defaults", "functions")
+#: what each target kind means (TARGET_SPECS[target]["what"])
+TARGETS = {t: s["what"] for t, s in TARGET_SPECS.items()}
+#: the layouts the templates know: their targets (the first is the usual one), and the export roles and options
+#: of any of them
+LAYOUTS = {
+    lay: {"target": next(t for t, s in TARGET_SPECS.items() if s["layout"] == lay),
+          "targets": tuple(t for t, s in TARGET_SPECS.items() if s["layout"] == lay),
+          "exports": tuple(dict.fromkeys(r for s in TARGET_SPECS.values() if s["layout"] == lay for r in s["exports"])),
+          "options": tuple(dict.fromkeys(o for s in TARGET_SPECS.values() if s["layout"] == lay for o in s["options"]))}
+    for lay in ("elementwise", "softmax")
+}
+#: the symbols each target's template supplies (not parameters), and the domain a target symbol must declare
+TEMPLATE_SYMBOLS = {"binary": ("x", "t"), "soft": ("x", "t"), "class_index": ("u",), "class_probs": ("u", "q", "K")}
+_UNIT_INTERVAL = {"soft": "t", "class_probs": "q"}
+_KERNEL_COMMON = ("name", "title", "layout", "target", "params", "defaults", "functions", "conditioned")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def module_name(path, module=None) -> str:
+    """The name of a derivation file's generated files: its ``[file] module``, else its stem made an identifier."""
+    if module:
+        return module
+    name = re.sub(r"[^A-Za-z0-9_]", "_", Path(str(path)).stem)
+    return name if re.fullmatch(r"[A-Za-z_]\w*", name) else "k_" + name
 
 
 @dataclass(frozen=True)
@@ -746,8 +770,8 @@ class KernelDecl:
     name: str
     title: str
     layout: str  # "elementwise" or "softmax"
-    target: str  # "binary" or "class_index"
-    exports: dict  # role (loss, grad / loss, coef, target_factor) -> export name
+    target: str  # "binary", "soft" (elementwise), "class_index" or "class_probs" (softmax)
+    exports: dict  # role (loss, grad / loss, coef, target_factor / term, dterm) -> export name
     params: tuple  # symbol names, in argument order
     defaults: dict  # param -> float
     domains: dict  # param -> Domain (in the derivation of the exports)
@@ -757,15 +781,21 @@ class KernelDecl:
     compensated: tuple | None = None  # (definition, factor): formed as factor*b + c, error-free
     class_alpha: bool = False  # softmax: alpha is a scalar or a per-class vector
     lineno: int | None = None
+    soft: str | None = None  # binary: the soft-target kernel of the same file for targets not all 0 or 1
+    conditioned: str | None = None  # why the loss is ill-conditioned: accuracy is relative to its condition number
+    module: str = ""  # the file's [file] module, else its stem: the generated files are <module>.{py,c,h}
+    path: Path | None = None  # the derivation file
 
     # the names codegen and the generated module use
     @property
     def kind(self) -> str:
-        return "elementwise" if self.layout == "elementwise" else "rowwise"
+        """elementwise (binary or soft t), rowwise (class indices) or rowprobs (class probabilities)."""
+        return {"elementwise": "elementwise", "softmax": "rowwise"}[self.layout] if self.target != "class_probs" \
+            else "rowprobs"
 
     @property
     def loss(self):
-        return self.exports["loss"]
+        return self.exports.get("loss")
 
     @property
     def grad(self):
@@ -779,14 +809,22 @@ class KernelDecl:
     def target_factor(self):
         return self.exports.get("target_factor")
 
+    @property
+    def term(self):
+        return self.exports.get("term")
 
-def _load_kernels(raw, derivations, exports, export_from, path, loc):
+    @property
+    def dterm(self):
+        return self.exports.get("dterm")
+
+
+def _load_kernels(raw, derivations, exports, export_from, path, loc, module=None):
     if not isinstance(raw, list):
         raise DerivationFileError(path, "kernel must be an array of tables: write [[kernel]]",
                                   lineno=loc.find("[kernel]"))
     if len(raw) > MAX_KERNELS:
         raise DerivationFileError(path, f"{len(raw)} [[kernel]] tables; the limit is {MAX_KERNELS}")
-    contexts = {d.id: d.context for d in derivations}
+    by_id = {d.id: d for d in derivations}
     kernels, seen = [], set()
     after = 0
     for k, rk in enumerate(raw):
@@ -801,11 +839,44 @@ def _load_kernels(raw, derivations, exports, export_from, path, loc):
         if name in seen:
             raise DerivationFileError(path, "duplicate kernel name", kernel=name, lineno=k_line)
         seen.add(name)
-        kernels.append(_load_kernel(rk, name, contexts, exports, export_from, path, loc, k_line))
+        kernels.append(_load_kernel(rk, name, by_id, exports, export_from, path, loc, k_line,
+                                    module_name(path, module)))
+    _check_soft(kernels, path, loc)
     return kernels
 
 
-def _load_kernel(rk, name, contexts, exports, export_from, path, loc, k_line):
+def _check_soft(kernels, path, loc):
+    """A binary kernel's ``soft`` names a soft-target kernel of the file with the same params (the runtime calls
+    it with the binary kernel's arguments when the targets are not all 0 or 1)."""
+    by_name = {k.name: k for k in kernels}
+    for k in kernels:
+        if k.soft is None:
+            continue
+
+        def kerr(message, _k=k):
+            return DerivationFileError(path, message, kernel=_k.name,
+                                       lineno=loc.find_key("soft", _k.lineno or 0) or _k.lineno)
+
+        other = by_name.get(k.soft)
+        if other is None:
+            raise kerr(f"soft: the file declares no kernel {_q(k.soft)} (its kernels: "
+                       f"{', '.join(sorted(by_name))})")
+        if other.target != "soft":
+            raise kerr(f"soft: kernel {k.soft!r} has target {other.target!r}; it must have target 'soft'")
+        if other.params != k.params:
+            raise kerr(f"soft: kernel {k.soft!r} takes params ({', '.join(other.params)}), this kernel "
+                       f"({', '.join(k.params)}): they must be the same, in the same order")
+        for p in k.params:
+            a, b = other.domains[p], k.domains[p]
+            if (a.lo, a.lo_open, a.hi, a.hi_open, a.values) != (b.lo, b.lo_open, b.hi, b.hi_open, b.values):
+                raise kerr(f"soft: kernel {k.soft!r} declares {p} in {a.text}, this kernel in {b.text}: "
+                           "the domains must be the same")
+        if bool(other.weight) != bool(k.weight):
+            raise kerr(f"soft: kernel {k.soft!r} {'has' if other.weight else 'has no'} weight, this kernel "
+                       f"{'has' if k.weight else 'has none'}: a negative alpha must mean the same in both")
+
+
+def _load_kernel(rk, name, by_id, exports, export_from, path, loc, k_line, module):
     def kerr(message, key=None):
         line = (loc.find_key(key, k_line or 0) if key else None) or k_line
         return DerivationFileError(path, message, kernel=name, lineno=line)
@@ -813,8 +884,8 @@ def _load_kernel(rk, name, contexts, exports, export_from, path, loc, k_line):
     layout = rk.get("layout")
     if layout not in LAYOUTS:
         raise kerr(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {_q(layout)}", "layout")
-    spec = LAYOUTS[layout]
-    allowed = set(_KERNEL_COMMON) | set(spec["exports"]) | set(spec["options"])
+    lspec = LAYOUTS[layout]
+    allowed = set(_KERNEL_COMMON) | set(lspec["exports"]) | set(lspec["options"])
     for key in rk:
         if key not in allowed:
             other = next((lay for lay, s in LAYOUTS.items() if key in s["exports"] or key in s["options"]), None)
@@ -828,13 +899,21 @@ def _load_kernel(rk, name, contexts, exports, export_from, path, loc, k_line):
     if target not in TARGETS:
         raise kerr(f"target {_q(target)} is not supported: the supported targets are "
                    + "; ".join(f"{t!r} ({what})" for t, what in TARGETS.items()), "target")
-    if target != spec["target"]:
-        raise kerr(f"layout {layout!r} takes target {spec['target']!r}, not {target!r}", "target")
+    if target not in lspec["targets"]:
+        raise kerr(f"layout {layout!r} takes target {' or '.join(map(repr, lspec['targets']))}, not {target!r}",
+                   "target")
+    spec = TARGET_SPECS[target]
+    for key in rk:
+        if key in lspec["exports"] + lspec["options"] and key not in spec["exports"] + spec["options"]:
+            owner = next(t for t, s in TARGET_SPECS.items() if key in s["exports"] + s["options"])
+            raise kerr(f"key {key!r} is for target {owner!r}, not {target!r} (target {target!r} takes: "
+                       f"{', '.join(spec['exports'] + spec['options'])})", key)
     roles = {}
     for role in spec["exports"]:
         export = rk.get(role)
         if export is None:
-            raise kerr(f"layout {layout!r} needs {role} = \"<export name>\" (exports: {', '.join(spec['exports'])})")
+            raise kerr(f"layout {layout!r} with target {target!r} needs {role} = \"<export name>\" "
+                       f"(exports: {', '.join(spec['exports'])})")
         if not isinstance(export, str):
             raise kerr(f"{role} must be the name of an export", role)
         if export not in exports:
@@ -846,13 +925,13 @@ def _load_kernel(rk, name, contexts, exports, export_from, path, loc, k_line):
         raise kerr(f"the exports {', '.join(map(repr, roles.values()))} come from different derivations "
                    f"({', '.join(sorted(dids))}); a kernel evaluates the exports of one derivation")
     did = dids.pop()
-    ctx = contexts[did]
+    ctx = by_id[did].context
     params = rk.get("params", [])
     if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
         raise kerr("params must be an array of symbol names", "params")
     if len(set(params)) != len(params):
         raise kerr("params names a symbol twice", "params")
-    fixed = {"elementwise": ("x", "t"), "softmax": ("u",)}[layout]
+    fixed = TEMPLATE_SYMBOLS[target]
     domains = {}
     for p in params:
         sym = ctx.names.get(p)
@@ -862,6 +941,16 @@ def _load_kernel(rk, name, contexts, exports, export_from, path, loc, k_line):
         if p in fixed:
             raise kerr(f"params: {p!r} is supplied by the {layout} template, not a parameter", "params")
         domains[p] = ctx.domains[sym]
+    unit = _UNIT_INTERVAL.get(target)
+    if unit is not None:
+        sym = ctx.names.get(unit)
+        dom = ctx.domains.get(sym) if sym is not None and sym not in ctx.definitions else None
+        if dom is None or dom.values is not None or (dom.lo, dom.lo_open, dom.hi, dom.hi_open) != (0, False, 1, False):
+            got = "is not a symbol" if dom is None else f"has domain {dom.text!r}"
+            raise kerr(f"target {target!r}: the template supplies {unit} in [0, 1], so derivation {did!r} must "
+                       f"declare {unit} = \"[0, 1]\" ({unit} {got})", "target")
+    if target == "class_probs":
+        _check_dterm(by_id[did], roles, ctx, kerr, export_from)
     defaults = rk.get("defaults", {})
     if not isinstance(defaults, dict):
         raise kerr("defaults must be a table { param = number }", "defaults")
@@ -896,5 +985,35 @@ def _load_kernel(rk, name, contexts, exports, export_from, path, loc, k_line):
         raise kerr("class_alpha must be true or false", "class_alpha")
     if class_alpha and "alpha" not in params:
         raise kerr("class_alpha needs a parameter alpha", "class_alpha")
+    soft = rk.get("soft")
+    if soft is not None and (not isinstance(soft, str) or not _IDENT.fullmatch(soft)):
+        raise kerr("soft must be the name of a kernel of this file (one with target 'soft')", "soft")
+    if soft == name:
+        raise kerr("soft names this kernel itself; it must name another kernel, with target 'soft'", "soft")
+    conditioned = rk.get("conditioned")
+    if conditioned is not None and (not isinstance(conditioned, str) or not conditioned.strip()
+                                    or len(conditioned) > 500):
+        raise kerr("conditioned must be a non-empty string of at most 500 characters: why the loss is "
+                   "ill-conditioned somewhere", "conditioned")
     return KernelDecl(name, title, layout, target, roles, tuple(params), {p: float(v) for p, v in defaults.items()},
-                      domains, did, tuple(functions), weight, comp, class_alpha, k_line)
+                      domains, did, tuple(functions), weight, comp, class_alpha, k_line, soft, conditioned,
+                      module, Path(path) if not isinstance(path, Path) else path)
+
+
+def _check_dterm(derivation, roles, ctx, kerr, export_from):
+    """class_probs: dterm's chain starts from D(<term's first line>, u), so that what the template sums as the
+    derivative in u is proved to be the derivative of what it sums as the loss."""
+    chains = {c.id: c for c in derivation.chains}
+    term_first = chains[export_from[roles["term"]][1]].lines[0].expr
+    dchain = chains[export_from[roles["dterm"]][1]]
+    first = dchain.lines[0].expr
+    u = ctx.names.get("u")
+    if u is None or u in ctx.definitions:
+        raise kerr(f"target 'class_probs': derivation {derivation.id!r} must declare the symbol u (= log p_k, "
+                   "which the template supplies)", "term")
+    if not (isinstance(first, D) and first.args[1] == u and first.args[0] == term_first):
+        raise kerr(f"dterm: chain {dchain.id!r} must start from D(<the first line of chain "
+                   f"{export_from[roles['term']][1]!r}>, u), the derivative of the term in u; it starts from "
+                   f"{_q(str(first), 80)}", "dterm")
+
+
