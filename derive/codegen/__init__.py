@@ -1,7 +1,8 @@
-"""``derive codegen``: render ``templates/`` into ``generated/`` from the proved stable forms.
+"""``derive codegen``: render ``templates/`` into ``generated/`` from the proved derivation files.
 
-The kernels are the ``[[kernel]]`` tables of a derivation file: by default
-``derive/derivations/stable_forms.toml`` (written to ``generated/focal_kernels.*``), or the
+The kernels are the ``[[kernel]]`` tables of derivation files: by default every shipped one
+(:func:`derive.codegen.kernels.shipped_files`: ``stable_forms.toml`` written to
+``generated/focal_kernels.*``, ``poly1.toml`` to ``generated/poly1.*``, ...), or the
 files named on the command line (``derive codegen my_loss.toml --out DIR`` writes
 ``DIR/<module>.py``, ``.c`` and ``.h``, ``<module>`` being the file's ``[file] module`` or
 its stem).  Their expressions (loaded and resolved by :mod:`derive.language.loader`) are reduced
@@ -206,6 +207,21 @@ def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR,
     return out
 
 
+def render_shipped(templates: Path = TEMPLATES_DIR) -> dict:
+    """Every shipped file's outputs (:func:`derive.codegen.kernels.shipped_files`): {file name: text}."""
+    from derive.codegen import kernels as _k
+
+    out = {}
+    for path in _k.shipped_files():
+        texts = render_all(path, templates)
+        clash = set(texts) & set(out)
+        if clash:
+            raise ValueError(f"{path}: its outputs {', '.join(sorted(clash))} clash with another shipped file's; "
+                             "give one a different [file] module")
+        out.update(texts)
+    return out
+
+
 def write_all(out_dir: Path = GENERATED_DIR, **kw) -> list:
     return _write(out_dir, render_all(**kw))
 
@@ -240,10 +256,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="derive codegen",
         description="Render the kernel templates into a folder: for each derivation file with [[kernel]] tables "
-                    "(default: the shipped stable forms), the NumPy module, the C source and its header.")
+                    "(default: every shipped one), the NumPy module, the C source and its header.")
     parser.add_argument("files", nargs="*", type=Path, metavar="FILE",
-                        help="derivation files whose [[kernel]] tables to generate (default: the shipped "
-                             "derive/derivations/stable_forms.toml); each gives <module>.py, .c and .h")
+                        help="derivation files whose [[kernel]] tables to generate (default: every shipped "
+                             "file of derive/derivations/ with [[kernel]] tables); each gives <module>.py, .c and .h")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="output folder (default: ./generated in the current folder)")
     parser.add_argument("--check", action="store_true",
@@ -253,7 +269,10 @@ def main(argv=None) -> int:
         print(f"derive codegen: --out {args.out} is a file, not a folder", file=sys.stderr)
         return 2
     again = " ".join(["derive codegen", *map(str, args.files)] + ([] if args.out == DEFAULT_OUT else [f"--out {args.out}"]))
-    sources = args.files or [None]
+    if not args.files:
+        from derive.codegen.kernels import shipped_files
+
+    sources = args.files or list(shipped_files())
     written = []
     try:
         rendered = []
@@ -285,5 +304,5 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["main", "render_all", "write_all", "check_all", "module_name", "output_names", "OUTPUTS", "TEMPLATES",
+__all__ = ["main", "render_all", "render_shipped", "write_all", "check_all", "module_name", "output_names", "OUTPUTS", "TEMPLATES",
            "SHIPPED_MODULE", "GENERATED_DIR", "TEMPLATES_DIR", "DEFAULT_OUT"]

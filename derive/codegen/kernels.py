@@ -18,19 +18,52 @@ from derive.language.loader import DerivationFileError, load_file
 from derive.codegen.printers import C_CONFIGS, abs_key, c_printer, magnitude_rank, numpy_printer, with_sigmoid_pow
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-STABLE_FORMS = PACKAGE_DIR / "derivations" / "stable_forms.toml"
+DERIVATIONS_DIR = PACKAGE_DIR / "derivations"
+STABLE_FORMS = DERIVATIONS_DIR / "stable_forms.toml"
 
 
-def shipped_kernels() -> tuple:
-    """The kernels declared by the ``[[kernel]]`` tables of stable_forms.toml (loader.KernelDecl),
-    in file order: the ones generated/ holds and derive.runtime.losses calls."""
-    global _SHIPPED
-    if _SHIPPED is None:
-        _SHIPPED = tuple(load_file(STABLE_FORMS).kernels)
-    return _SHIPPED
+def shipped_files() -> tuple:
+    """Every derivation file of derive/derivations/ with [[kernel]] tables (stable_forms.toml first, then by
+    name): generated/ holds
+    <module>.{py,c,h} for each (the TOML is read for the tables only; nothing is proved or printed here)."""
+    try:  # Python 3.11+
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover
+        import tomli as tomllib
+
+    files = []
+    # the focal kernels' stable forms first (the first shipped kernels), then the others by name
+    for path in sorted(DERIVATIONS_DIR.glob("*.toml"), key=lambda p: (p != STABLE_FORMS, p.name)):
+        try:
+            tables = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DerivationFileError(path, f"cannot read it: {exc}") from None
+        if tables.get("kernel"):
+            files.append(path)
+    return tuple(files)
 
 
 _SHIPPED = None
+
+
+def shipped_kernels() -> tuple:
+    """The kernels declared by the [[kernel]] tables of every shipped file (loader.KernelDecl, with .module
+    and .path), file by file in :func:`shipped_files` order, each file's in its order.  Kernel names are
+    unique across the files (they name the C functions derive_<kernel>_f32/_f64, which two modules linked
+    into one program must not share)."""
+    global _SHIPPED
+    if _SHIPPED is None:
+        kernels, seen = [], {}
+        for path in shipped_files():
+            for k in load_file(path).kernels:
+                if k.name in seen:
+                    raise DerivationFileError(path, f"kernel name also declared by {seen[k.name].name}: shipped "
+                                              "kernel names must be unique (they name the C functions)",
+                                              kernel=k.name)
+                seen[k.name] = path
+                kernels.append(k)
+        _SHIPPED = tuple(kernels)
+    return _SHIPPED
 
 
 # Names the templates give the symbols they supply.
@@ -209,5 +242,5 @@ def load_kernels(path=STABLE_FORMS, file=None):
     return f, [prepare(spec, f) for spec in f.kernels]
 
 
-__all__ = ["shipped_kernels", "prepare", "print_c", "print_numpy", "load_kernels", "C_CONFIGS",
-           "STABLE_FORMS"]
+__all__ = ["shipped_files", "shipped_kernels", "prepare", "print_c", "print_numpy", "load_kernels", "C_CONFIGS",
+           "STABLE_FORMS", "DERIVATIONS_DIR"]

@@ -8,7 +8,7 @@
  * the largest finite values, infinities, NaN and subnormals; labels 0/1; gamma from 0 to 5;
  * softmax with k = 1, 2, 3, 80, ignored rows and invalid targets (which must be refused
  * without writing).  Checks: finite output for finite input, NaN confined to its own
- * element (sigmoid) or row (softmax).  Also: derive_first_bad_label around the block size
+ * element (sigmoid) or row (softmax).  Also: derive_focal_kernels_first_bad_label around the block size
  * and DERIVE_ELABEL from every elementwise kernel for the same bad labels,
  * the thread-count calls, and calls above DERIVE_PARALLEL_MIN with 2 threads, which must give
  * the bytes of the serial call.  Prints "sanitize driver: N calls, 0 problems".
@@ -210,7 +210,7 @@ ELEMENTWISE(double, f64, DBL_MAX)
 SOFTMAX(float, f32, FLT_MAX)
 SOFTMAX(double, f64, DBL_MAX)
 
-/* derive_first_bad_label on sizes around the block size, a bad label (2, -1, 0.5, NaN) at
+/* derive_focal_kernels_first_bad_label on sizes around the block size, a bad label (2, -1, 0.5, NaN) at
  * the first, a middle or the last position, or none; every elementwise kernel returns
  * DERIVE_ELABEL for the same arrays (and DERIVE_OK without the bad label) */
 #define LABELS(T, S)                                                                           \
@@ -240,7 +240,7 @@ SOFTMAX(double, f64, DBL_MAX)
             }                                                                                  \
             labels_kernels_##S(n, x, t, l, g, DERIVE_OK);                                      \
             calls++;                                                                           \
-            if (derive_first_bad_label_##S(n, t) != n) {                                       \
+            if (derive_focal_kernels_first_bad_label_##S(n, t) != n) {                                       \
                 problem("first_bad_label: a good array reported bad", n);                      \
             }                                                                                  \
             const size_t where[] = {0, n / 2, n ? n - 1 : 0};                                   \
@@ -249,7 +249,7 @@ SOFTMAX(double, f64, DBL_MAX)
                     const T keep = t[where[w]];                                                \
                     t[where[w]] = bad[b];                                                      \
                     calls++;                                                                   \
-                    if (derive_first_bad_label_##S(n, t) != where[w]) {                        \
+                    if (derive_focal_kernels_first_bad_label_##S(n, t) != where[w]) {                        \
                         problem("first_bad_label: wrong index", where[w]);                     \
                     }                                                                          \
                     labels_kernels_##S(n, x, t, l, g, DERIVE_ELABEL);                          \
@@ -278,9 +278,9 @@ SOFTMAX(double, f64, DBL_MAX)
         }                                                                                      \
         x[n - 5] = (T)NAN;                                                                     \
         for (size_t gi = 0; gi < NGAMMAS; gi++) {                                              \
-            derive_set_num_threads(1);                                                         \
+            derive_focal_kernels_set_num_threads(1);                                                         \
             int rc = derive_sigmoid_focal_##S(n, x, t, (T)GAMMAS[gi], l1, g1);                  \
-            derive_set_num_threads(2);                                                         \
+            derive_focal_kernels_set_num_threads(2);                                                         \
             rc |= derive_sigmoid_focal_##S(n, x, t, (T)GAMMAS[gi], l2, g2);                     \
             calls += 2;                                                                        \
             if (rc != DERIVE_OK || memcmp(l1, l2, n * sizeof(T)) || memcmp(g1, g2, n * sizeof(T))) { \
@@ -295,7 +295,7 @@ SOFTMAX(double, f64, DBL_MAX)
         }                                                                                      \
         /* a bad label in the last block, seen by whichever thread computes it */            \
         t[n - 3] = (T)2;                                                                       \
-        derive_set_num_threads(2);                                                             \
+        derive_focal_kernels_set_num_threads(2);                                                             \
         calls++;                                                                               \
         if (derive_sigmoid_focal_##S(n, x, t, (T)0.5, l2, g2) != DERIVE_ELABEL) {              \
             problem("threaded sigmoid missed a bad label", n - 3);                             \
@@ -314,9 +314,9 @@ SOFTMAX(double, f64, DBL_MAX)
             target[r] = r % 11 == 0 ? -100 : (int64_t)(r % k);                                 \
         }                                                                                      \
         xs[7 * k + 3] = (T)NAN;                                                                \
-        derive_set_num_threads(1);                                                             \
+        derive_focal_kernels_set_num_threads(1);                                                             \
         int rc = derive_softmax_focal_##S(rows, k, xs, target, NULL, (T)0.25, (T)0.5, -100, ls1, gs1); \
-        derive_set_num_threads(2);                                                             \
+        derive_focal_kernels_set_num_threads(2);                                                             \
         rc |= derive_softmax_focal_##S(rows, k, xs, target, NULL, (T)0.25, (T)0.5, -100, ls2, gs2); \
         calls += 2;                                                                            \
         if (rc != DERIVE_OK || memcmp(ls1, ls2, rows * sizeof(T)) || memcmp(gs1, gs2, rows * k * sizeof(T))) { \
@@ -328,7 +328,7 @@ SOFTMAX(double, f64, DBL_MAX)
                 break;                                                                         \
             }                                                                                  \
         }                                                                                      \
-        derive_set_num_threads(0);                                                             \
+        derive_focal_kernels_set_num_threads(0);                                                             \
         free(x); free(t); free(l1); free(g1); free(l2); free(g2);                              \
         free(xs); free(gs1); free(gs2); free(ls1); free(ls2); free(target);                    \
     }
@@ -340,16 +340,16 @@ THREADED(double, f64)
 
 int main(void)
 {
-    const int vm = derive_vector_math();
+    const int vm = derive_focal_kernels_vector_math();
     if (vm != 0 && vm != 1) {
-        problem("derive_vector_math is neither 0 nor 1", (size_t)vm);
+        problem("derive_focal_kernels_vector_math is neither 0 nor 1", (size_t)vm);
     }
-    derive_set_num_threads(3);
-    if (derive_set_num_threads(0) != 3) {
-        problem("derive_set_num_threads does not return the previous request", 3);
+    derive_focal_kernels_set_num_threads(3);
+    if (derive_focal_kernels_set_num_threads(0) != 3) {
+        problem("derive_focal_kernels_set_num_threads does not return the previous request", 3);
     }
-    if (derive_get_num_threads() < 1) {
-        problem("derive_get_num_threads below 1", 0);
+    if (derive_focal_kernels_get_num_threads() < 1) {
+        problem("derive_focal_kernels_get_num_threads below 1", 0);
     }
     elementwise_f32();
     elementwise_f64();
