@@ -230,11 +230,42 @@ def test_mathml_fallback_never_fails_the_build():
     assert fixes == {("x^{a}^2", "{x^{a}}^2"), ("e^{b}^{c}", "{e^{b}}^{c}")}
 
 
-def test_pages_show_the_figures(files):
-    for stem in ("focal_loss_vs_pt", "focal_gradient", "fl_vs_flstar", "accuracy_sigmoid_focal"):
-        assert f"img/{stem}.png" in files and f"img/{stem}.svg" in files
-        assert f'src="../img/{stem}.svg"' in files["html/plots.html"].decode()
-        assert f"(img/{stem}.png)" in files["plots.md"].decode()
+def _documented_kernels(report):
+    """Every kernel of the files the docs cover, with its page key (from the files, not a list)."""
+    loaded = [numerics.load(str(path)) for path, _ in report.files]
+    kernels = [k for f in loaded for k in f.kernels]
+    keys = model.kernel_keys(kernels)
+    return [(k, keys[(Path(str(k.path)).name, k.name)]) for k in kernels]
+
+
+def test_every_kernel_of_every_shipped_file_has_its_page_and_figures(report, files):
+    from derive.codegen.kernels import shipped_kernels
+
+    documented = _documented_kernels(report)
+    assert {(str(k.path), k.name) for k in shipped_kernels()} <= {(str(k.path), k.name) for k, _ in documented}
+    index = files["kernels.md"].decode()
+    for k, key in documented:
+        page = files[f"{key}.md"].decode()
+        html = files[f"html/{key}.html"].decode()
+        assert f"({key.split('/', 1)[1]}.md)" in index, key
+        assert f"`{k.layout}`" in page and f"`{k.target}`" in page, key
+        for p in k.params:
+            assert f"| `{p}` | `{k.domains[p].pretty()}` |" in page, (key, p)
+        for export in k.exports.values():
+            assert f"[{export}](../stable_rewrites.md#" in page, (key, export)
+        if getattr(k, "conditioned", None):
+            assert k.conditioned in page and "kappa" in page, key
+        gen = numerics.generated(str(k.path))
+        for sfx in ("f32", "f64"):  # the generated line numbers point at the kernel's definitions
+            line = gen.texts[".py"].splitlines()
+            n = int(re.search(rf"`{k.name}_{sfx}`\S*#L(\d+)\)", page)[1]) if gen.committed else \
+                int(re.search(rf"`{k.name}_{sfx}` \(line (\d+)\)", page)[1])
+            assert line[n - 1].startswith(f"def {k.name}_{sfx}("), (key, sfx)
+        for stem in (f"values_{key.split('/', 1)[1]}", f"accuracy_{key.split('/', 1)[1]}"):
+            assert f"img/{stem}.png" in files and f"img/{stem}.svg" in files, stem
+            assert f'src="../img/{stem}.svg"' in files["html/plots.html"].decode()
+            assert f"(img/{stem}.png)" in files["plots.md"].decode()
+            assert f"(../img/{stem}.png)" in page and f'src="../../img/{stem}.svg"' in html
     for path in (p for p in files if p.endswith(".png")):
         assert files[path].startswith(b"\x89PNG") and b"Software" not in files[path][:4096]
     for path in (p for p in files if p.endswith(".svg")):
@@ -242,30 +273,40 @@ def test_pages_show_the_figures(files):
         assert b"<dc:date>" not in head and b"Matplotlib" not in head
 
 
+def test_parameter_sets_come_from_the_declaration():
+    for k in numerics.shipped():
+        sets = numerics.parameter_sets(k)
+        assert sets[0] == tuple(float(k.defaults.get(p, numerics.default_value(k, p))) for p in k.params)
+        assert len(set(sets)) == len(sets) and (len(sets) > 1) == bool(k.params)
+        for values in sets:
+            for p, v in zip(k.params, values):
+                assert k.domains[p].contains(v), (k.name, p, v)
+            assert sum(a != b for a, b in zip(values, sets[0])) <= 1  # one parameter moved at a time
+
+
 # ------------------------------------------------------------------------------------------
 # the numbers behind the plots
+
+
+def _ulps(got, want, dtype):
+    got, want = np.asarray(got), np.asarray(want)
+    same = (got == want) | (np.isnan(got) & np.isnan(want))
+    err = np.abs(got.astype(np.float64) - want) / np.maximum(np.spacing(np.abs(want)), np.finfo(dtype).tiny)
+    return float(np.where(same, 0.0, err).max())
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_correctly_rounded_kernels_stay_within_a_few_ulps_of_numpy(dtype):
     """The plots run the generated kernels with correctly rounded exp/log1p/expm1/power
     (machine independent); NumPy's own functions differ from them in the last bits only."""
-    x = np.linspace(-40, 40, 201).astype(dtype)
-    t = np.ones_like(x)
-    cases = [("sigmoid_ce", ()), ("sigmoid_focal", (0.5,)), ("sigmoid_focal", (2.0,)),
-             ("sigmoid_focal_alpha", (0.25, 2.0)), ("focal_star", (2.0, 1.0))]
-    for name, params in cases:
-        for got, want in zip(numerics.kernel(name, dtype)(x, t, *params),
-                             numerics.kernel(name, dtype, correctly_rounded=False)(x, t, *params)):
-            assert got.dtype == dtype
-            ulps = np.abs(got - want) / np.maximum(np.spacing(np.abs(want)), np.finfo(dtype).tiny)
-            assert float(ulps.max()) <= 16, (name, params)
-    rows = np.stack([x, np.zeros_like(x), np.zeros_like(x)], axis=1)
-    target = np.zeros(len(x), dtype=np.int64)
-    for got, want in zip(numerics.kernel("softmax_focal", dtype)(rows, target, 0.25, 2.0, -100),
-                         numerics.kernel("softmax_focal", dtype, False)(rows, target, 0.25, 2.0, -100)):
-        ulps = np.abs(got - want) / np.maximum(np.spacing(np.abs(want)), np.finfo(dtype).tiny)
-        assert float(ulps.max()) <= 16
+    x = np.linspace(-40, 40, 101).astype(dtype)
+    for k in numerics.shipped():
+        for params in numerics.parameter_sets(k):
+            got = numerics.run(k, x, params)
+            want = numerics.run(k, x, params, correctly_rounded=False)
+            for g, w in zip(got, want):
+                assert g.dtype == dtype
+                assert _ulps(g, w, dtype) <= 16, (k.name, params)
 
 
 def test_correctly_rounded_functions():
@@ -284,27 +325,42 @@ def test_correctly_rounded_functions():
 
 
 def test_literal_closed_forms_come_from_the_parsed_files():
-    """The red curves: the note's expressions, lambdified; they agree with the kernels where
-    floating point has no trouble, and fail where the plots show them failing."""
+    """The dashed and red curves: each kernel's closed forms as its file writes them, lambdified;
+    they agree with the kernels where floating point has no trouble."""
+    from derive.language.functions import D
+
     x = np.array([-3.0, -0.5, 0.0, 0.5, 3.0])
-    t = np.ones_like(x)
-    for name, params in [("sigmoid_focal", (2.0,)), ("sigmoid_focal_alpha", (0.25, 2.0)), ("focal_star", (2.0, 1.0)),
-                         ("sigmoid_ce", ())]:
-        fl, fg = numerics.literal_elementwise(name)
-        loss, grad = numerics.kernel(name, np.float64)(x, t, *params)
-        np.testing.assert_allclose(fl(x, t, *params), loss, rtol=1e-12)
-        np.testing.assert_allclose(fg(x, t, *params), grad, rtol=1e-12)
-    fl, fg = numerics.literal_softmax("softmax_focal")
-    rows = np.stack([x, np.zeros_like(x), np.zeros_like(x)], axis=1)
-    loss, grad = numerics.kernel("softmax_focal", np.float64)(rows, np.zeros(5, dtype=np.int64), 0.25, 2.0, -100)
-    z = np.zeros_like(x)
-    np.testing.assert_allclose(fl(x, z, z, 0.25, 2.0), loss, rtol=1e-12)
-    np.testing.assert_allclose(fg(x, z, z, 0.25, 2.0), grad[:, 0], rtol=1e-12)
-    with np.errstate(all="ignore"):
-        assert fl(np.array([40.0]), np.zeros(1), np.zeros(1), 0.25, 2.0)[0] == 0.0  # p_t rounded to 1
-        assert np.isnan(fg(np.array([40.0]), np.zeros(1), np.zeros(1), 0.25, 2.0)[0])  # 0/0
-    _, c, k = numerics.literal_line("sigmoid_focal_grad")
-    assert k == 1 and c.lines[k].text == "y*(1 - p_t)^gamma*(gamma*p_t*log(p_t) + p_t - 1)"
+    for k in numerics.shipped():
+        for params in numerics.parameter_sets(k):
+            for lit, kern in zip(numerics.literal(k, x, params), numerics.run(k, x, params)):
+                np.testing.assert_allclose(lit, kern, rtol=1e-10, atol=1e-300, err_msg=f"{k.name} {params}")
+        for role in numerics.LITERAL_ROLES[k.target]:
+            d, c, i = numerics.literal_line(k, role)
+            assert c.export == k.exports[role]
+            assert i == (1 if c.lines[0].expr.has(D) else 0)
+            assert f"{c.lines[i].text} ({d.id}/{c.id} line {i})" in numerics.describe_literal(k)
+
+
+def test_a_literal_closed_form_fails_where_the_plots_show_it():
+    """At x = 40 a probability rounds to 1 in float64: the literal forms give 0, inf or NaN
+    where the exact values are tiny but not 0 (the kernels stay accurate there)."""
+    from derive.measure.reference import rel_errors
+
+    from derive.docs import plots
+
+    x = np.array([40.0])
+    failing = 0
+    for k in numerics.shipped():
+        params = numerics.defaults(k)
+        ref = plots.reference(k, x, params)
+        with np.errstate(all="ignore"):
+            lit = numerics.literal(k, x, params)
+        kern = numerics.run(k, x, params)
+        cond = plots.condition(k, x, params, np.float64) or (1.0, 1.0)
+        for r in range(2):
+            assert float(rel_errors(kern[r], ref[r], np.float64)[0] / np.max(cond[r])) < 1e-13, (k.name, r)
+        failing += any(float(rel_errors(lit[r], ref[r], np.float64)[0]) > 0.5 for r in range(2))
+    assert failing >= len(numerics.shipped()) // 2
 
 
 def test_the_kernel_api_table_names_the_functions_that_call_each_kernel():
@@ -313,26 +369,86 @@ def test_the_kernel_api_table_names_the_functions_that_call_each_kernel():
 
     assert set(model.KERNEL_API) == {k.name for k in shipped_kernels()}
     x = np.array([-2.0, 0.3, 4.0])
-    t = np.array([1.0, 0.0, 1.0])
-    direct = numerics.kernels(correctly_rounded=False)
-    cases = {"sigmoid_ce": ((), {}), "sigmoid_focal": ((1.5,), {"gamma": 1.5}),
-             "sigmoid_focal_alpha": ((0.25, 1.5), {"alpha": 0.25, "gamma": 1.5}),
-             "focal_star": ((2.0, 1.0), {"gamma": 2.0, "beta": 1.0})}
-    for name, (params, kw) in cases.items():
-        want = getattr(direct, f"{name}_f64")(x, t, *params)
-        for fn in model.KERNEL_API[name]:
-            kw2 = dict(kw, reduction="none") if fn == "binary_cross_entropy_with_logits" else kw
-            got = getattr(losses, fn)(x, t, backend="numpy", return_grad=True, **kw2)
+    called = 0
+    for k in shipped_kernels():
+        params = numerics.defaults(k)
+        args = numerics.inputs(k, x)
+        want = numerics.run(k, x, params, correctly_rounded=False)
+        for fn in model.KERNEL_API[k.name]:
+            got = getattr(losses, fn)(*args, reduction="none", backend="numpy", return_grad=True,
+                                      **dict(zip(k.params, params)))
+            grad = got[1] if k.layout == "elementwise" else got[1][:, 0]
             np.testing.assert_array_equal(got[0], want[0])
-            np.testing.assert_array_equal(got[1], want[1])
-    rows = np.array([[1.0, -2.0, 0.5], [3.0, 0.0, 0.0]])
-    tgt = np.array([2, 0])
-    want = direct.softmax_focal_f64(rows, tgt, 0.25, 2.0, -100)
-    got = losses.softmax_focal_loss(rows, tgt, alpha=0.25, gamma=2.0, backend="numpy", return_grad=True)
-    np.testing.assert_array_equal(got[0], want[0])
-    want = direct.softmax_ce_f64(rows, tgt, -100)
-    got = losses.softmax_cross_entropy(rows, tgt, backend="numpy", return_grad=True)
-    np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(grad, want[1])
+            called += 1
+    assert called >= len([k for k in shipped_kernels() if k.functions])
+
+
+EXTRA = """[file]
+title = "A loss the package does not ship"
+module = "docs_extra"
+
+[symbols]
+x = { domain = "real" }
+t = { domain = "{0, 1}" }
+w = { domain = "(0, oo)" }
+
+[definitions]
+y = { expr = "2*t - 1" }
+x_t = { expr = "y*x" }
+p_t = { expr = "1/(1 + exp(-x_t))", domain = "(0, 1)" }
+
+[[derivation]]
+id = "weighted_ce"
+title = "w times the sigmoid cross-entropy"
+
+[[derivation.chain]]
+id = "loss"
+export = "weighted_ce_loss"
+lines = ["-w*log(p_t)", { expr = "w*softplus(-x_t)", rule = "log p_t = -softplus(-x_t)" }]
+
+[[derivation.chain]]
+id = "grad"
+export = "weighted_ce_grad"
+lines = ["D(-w*log(p_t), x)", { expr = "-w*y*(1 - p_t)", rule = "chain rule" },
+         { expr = "-w*y*sigmoid(-x_t)", rule = "1 - p_t = sigmoid(-x_t)" }]
+
+[[kernel]]
+name = "weighted_ce_for_docs"
+title = "w times the sigmoid cross-entropy"
+layout = "elementwise"
+target = "binary"
+loss = "weighted_ce_loss"
+grad = "weighted_ce_grad"
+params = ["w"]
+defaults = { w = 3.0 }
+"""
+
+
+def test_a_new_kernel_file_gets_its_pages_with_no_python_edits(tmp_path):
+    """A file the package does not ship: its derivation page, its kernel page (generated code
+    rendered in memory, the declared parameter and domain) and both figures."""
+    from derive.prover.verify import verify_paths
+
+    path = tmp_path / "docs_extra.toml"
+    path.write_text(EXTRA)
+    report = verify_paths([path])
+    assert report.exit_code() == 0
+    built = D.build(report)
+    page = built["kernels/weighted_ce_for_docs.md"].decode()
+    assert "`docs_extra.toml` (module `docs_extra`)" in page
+    assert "| `w` | `(0, oo)` | 3 |" in page and "derive codegen docs_extra.toml --out DIR" in page
+    assert "derive.load('docs_extra.toml').weighted_ce_for_docs(inputs, targets, w=3.0" in page
+    assert "[weighted_ce_loss](../stable_rewrites.md#export-weighted_ce_loss)" in page
+    assert "html/kernels/weighted_ce_for_docs.html" in built and "docs_extra/weighted_ce.md" in built
+    for stem in ("values_weighted_ce_for_docs", "accuracy_weighted_ce_for_docs"):
+        assert built[f"img/{stem}.png"].startswith(b"\x89PNG") and f"(../img/{stem}.png)" in page
+    assert D.missing_checks(report, built) == []
+
+
+def test_docs_names_a_missing_file(tmp_path, capsys):
+    assert D.main([str(tmp_path / "absent.toml"), "--out", str(tmp_path / "out")]) == 2
+    assert "absent.toml: no such file" in capsys.readouterr().err
 
 
 def test_parsed_latex_is_the_verifiers_except_its_str_fallbacks(report):

@@ -84,19 +84,20 @@ def missing_checks(report, files: dict) -> list:
     return missing
 
 
-def build(report=None, *, plots: bool = True, step_timeout: float = 4.0) -> dict:
-    """Every file of docs/ as {relative path: bytes}."""
+def build(report=None, *, plots: bool = True, step_timeout: float = 4.0, extra=()) -> dict:
+    """Every file of docs/ as {relative path: bytes}.  ``extra``: derivation files to document
+    beside the shipped ones (when ``report`` is not given)."""
     from derive.docs import plots as P
     from derive.docs.render import render_all
 
     if report is None:
         from derive.prover.verify import builtin_files, verify_paths
 
-        report = verify_paths(builtin_files(), step_timeout=step_timeout)
+        report = verify_paths(builtin_files() + [Path(p) for p in extra], step_timeout=step_timeout)
     if report.errors:
         raise ValueError("the derivation files do not load: " + "; ".join(m for _, m in report.errors))
     docs = build_model(report, step_timeout)
-    figures = P.figure_list()
+    figures = P.figure_list(docs.kernel_decls, docs.kernel_keys)
     out = {path: text.encode("utf-8") for path, text in render_all(docs, figures).items()}
     if plots:
         out.update(P.render_figures(figures))
@@ -170,7 +171,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="derive docs",
         description="Write the documentation of every step (Markdown and offline HTML, with plots) from one run "
-                    "of the verifier on the shipped derivation files.")
+                    "of the verifier on the shipped derivation files, and on the files named, if any.")
+    parser.add_argument("files", nargs="*", type=Path, metavar="FILE",
+                        help="derivation files to document beside the shipped ones: a page per derivation and "
+                             "per [[kernel]], with its figures")
     parser.add_argument("--out", type=Path, default=DOCS_DIR, help="output folder (default: ./docs in the current folder)")
     parser.add_argument("--check", action="store_true",
                         help="build in memory and compare with --out byte for byte; exit 1 on any difference")
@@ -181,14 +185,28 @@ def main(argv=None) -> int:
         print(f"derive docs: --out {args.out} is {what} (no generated README.md); not writing into it",
               file=sys.stderr)
         return 2
+    missing = [f for f in args.files if not f.is_file()]
+    if missing:
+        print(f"derive docs: {missing[0]}: no such file", file=sys.stderr)
+        return 2
     try:
         from derive.prover.verify import builtin_files, verify_paths
 
-        report = verify_paths(builtin_files())
+        shipped = builtin_files()
+        names = {p.name for p in shipped}
+        clash = next((f for f in args.files if f.name in names or [g.name for g in args.files].count(f.name) > 1), None)
+        if clash is not None:  # pages are keyed by the file's stem
+            print(f"derive docs: {clash}: another documented file has the name {clash.name}; rename one",
+                  file=sys.stderr)
+            return 2
+        report = verify_paths(shipped + list(args.files))
         if report.exit_code() != 0:
             print(f"derive docs: `derive verify` fails ({len(report.failed)} problem(s)); the pages show them",
                   file=sys.stderr)
         files = build(report, plots=not args.no_plots)
+    except ValueError as exc:  # a file that does not load, a kernel the docs cannot draw
+        print(f"derive docs: {exc}", file=sys.stderr)
+        return 2
     except ImportError as exc:  # matplotlib, latex2mathml: the "docs" extra
         print(f"derive docs: {exc}; install the docs extra: pip install 'derive-gradients[docs]' "
               "(in a checkout: pip install -e '.[docs]')", file=sys.stderr)

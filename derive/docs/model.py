@@ -2,7 +2,7 @@
 
 Everything here comes from :func:`derive.prover.verify.verify_paths` (verdicts, strategies,
 counterexamples, the SymPy LaTeX of each parsed line) and :func:`derive.language.loader.load_file`
-(the note's own LaTeX, the rules, the errata): nothing about a derivation is typed here.
+(the note's own LaTeX, the rules, the errata, the ``[[kernel]]`` tables): nothing about a derivation is typed here.
 Both renderings (Markdown and HTML) are made from the same objects, in the files' order.
 Times are left out on purpose: they change from run to run, and ``docs/`` must not.
 """
@@ -14,7 +14,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from derive.language.loader import load_file
 from derive.prover.engine import CONFIRMED, PROVED, REFUTED, STRATEGIES, UNPROVED
 from derive.prover.verify import ERRATUM, FAIL, OK, Report
 from derive.docs.mathtex import Math, MathRenderer, latex_of
@@ -125,7 +124,8 @@ class ChainView:
     note: str | None
     source: Math | None  # the note's whole line
     export: str | None
-    used_by: list  # [(kernel, role)]
+    export_anchor: str | None  # its section of the stable-forms page
+    used_by: list  # [(kernel page key, kernel name, role)]
     lines: list
     end_to_end: CheckView | None
     corrected_end_to_end: CheckView | None
@@ -176,18 +176,40 @@ class FileView:
 
 
 @dataclass
+class ParamView:
+    name: str
+    domain: str  # as the derivation declares it: [0, oo), (0, 1], real, ...
+    default: str | None  # as printed: 2, 0.25; None when the declaration gives none
+    note: str | None  # what a value outside the domain means (alpha < 0 turns the weight off)
+
+
+@dataclass
 class KernelView:
+    key: str  # page key: "kernels/<name>" ("kernels/<module>.<name>" when two modules share a name)
     name: str
     title: str
-    kind: str
-    params: tuple
+    module: str  # the file's [file] module: the generated files are <module>.{py,c,h}
+    file: str  # repository path of its derivation file (its name, for a file outside the repository)
+    file_in_repo: bool  # whether ``file`` is a path of the repository (pages link it)
+    derivation: str  # the derivation its exports come from
+    derivation_page: str  # that derivation's page key
+    layout: str
+    layout_what: str  # what the layout computes per element / per row
+    target: str
+    target_what: str  # what the target kind takes (loader.TARGETS)
+    params: list  # [ParamView]
     api: list  # [(function name, signature, first docstring line)]
+    load_call: str  # how derive.load(FILE) calls it, for a kernel no public function calls
     exports: list  # [(role, export name, stable-forms anchor)]
-    numpy_lines: dict  # dtype suffix -> line number of the def in generated/focal_kernels.py
-    c_lines: dict  # dtype suffix -> line number in generated/focal_kernels.c
+    conditioned: str | None  # why its accuracy is measured relative to the condition number
+    soft: str | None  # the key of the soft-target kernel it hands non-binary targets to
+    soft_of: list  # the keys of the binary kernels that hand it their soft targets
+    generated: dict  # ".py"/".c"/".h" -> repository path, or None when rendered in memory (not shipped)
+    numpy_lines: dict  # dtype suffix -> line number of the def in generated/<module>.py
+    c_lines: dict  # dtype suffix -> line number in generated/<module>.c
     h_lines: dict
     numpy_code: str  # the f64 NumPy function, as generated
-    figure: str | None  # accuracy figure stem
+    figures: list  # figure stems: its value figure, its accuracy figure
 
 
 @dataclass
@@ -205,6 +227,9 @@ class Docs:
     totals: dict = field(default_factory=dict)
     supporting: list = field(default_factory=list)  # [(page, chain)]: no export, in a file with exports
     bounds: dict = field(default_factory=dict)  # dtype name -> accuracy bound of the kernels
+    kernel_decls: list = field(default_factory=list)  # the KernelDecls behind ``kernels``, in the same order
+    kernel_keys: dict = field(default_factory=dict)  # (file name, kernel name) -> kernel page key
+    modules: list = field(default_factory=list)  # [(module, derivation file, {suffix: repository path or None})]
 
 
 # ------------------------------------------------------------------------------------------
@@ -218,10 +243,21 @@ class _Builder:
         self.by_key = {}
         for c in report.checks:
             self.by_key.setdefault((c.file, c.derivation, c.chain, c.kind, c.index), c)
-        self.used_by = _export_users()
+        from derive.docs.numerics import load
+
+        self.loaded = [load(str(path)) for path, _ in report.files]
+        kernels = [k for f in self.loaded for k in f.kernels]
+        self.kernel_keys = kernel_keys(kernels)
+        self.export_count = Counter(e for f in self.loaded for e in f.exports)
+        self.used_by = {key: [(self.kernel_keys[(f, k.name)], k.name, role) for role, k in users]
+                        for key, users in _export_users(kernels).items() for f in (key[0],)}
 
     def m(self, tex):
         return self.math(tex) if tex else None
+
+    def export_anchor(self, stem, export) -> str:
+        """export-<name>, or export-<file stem>-<name> for a name that two files export."""
+        return f"export-{export}" if self.export_count[export] <= 1 else f"export-{stem}-{export}"
 
     def view(self, c, lhs_tex=None, rhs_tex=None) -> CheckView:
         """``lhs_tex``/``rhs_tex``: LaTeX of the two sides, when the report's may be a fallback."""
@@ -235,8 +271,7 @@ class _Builder:
         rep = self.report
         files, pages, errata, stable = [], [], [], []
         errata_by = {(e.file, e.derivation, e.chain, e.line): e for e in rep.errata}
-        for path, title in rep.files:
-            df = load_file(path)
+        for (path, title), df in zip(rep.files, self.loaded):
             fname = Path(path).name
             stem = Path(path).stem
             fpages = []
@@ -255,8 +290,14 @@ class _Builder:
                                   dict(Counter(c.verdict.status for c in fchecks))))
             pages += fpages
             errata += ferr
-        docs = Docs(rep, files, pages, errata, stable, _kernels(), dict(STRATEGIES), rep.seed, self.step_timeout,
+        docs = Docs(rep, files, pages, errata, stable, _kernels(self.loaded, self.kernel_keys, self.export_anchor), dict(STRATEGIES), rep.seed, self.step_timeout,
                     self.math.log)
+        docs.kernel_decls = [k for f in self.loaded for k in f.kernels]
+        docs.kernel_keys = self.kernel_keys
+        seen = {}
+        for kv in docs.kernels:
+            seen.setdefault(kv.module, (kv.module, kv.file, kv.file_in_repo, kv.generated))
+        docs.modules = list(seen.values())
         from derive.measure.accuracy import BOUNDS
 
         docs.bounds = dict(BOUNDS)
@@ -305,7 +346,8 @@ class _Builder:
                                       self.view(step, written[k - 1], written[k]) if step else None, ev,
                                       self.view(cstep, fixed[k - 1], fixed[k]) if cstep else None))
             e2e, ce2e = get("end-to-end"), get("corrected end-to-end")
-            chains.append(ChainView(ch.id, ch.note, self.m(ch.source), ch.export, self.used_by.get(ch.export, []),
+            chains.append(ChainView(ch.id, ch.note, self.m(ch.source), ch.export,
+                                    self.export_anchor(stem, ch.export) if ch.export else None, self.used_by.get((fname, ch.export), []),
                                     lines, self.view(e2e, written[0], written[-1]) if e2e else None,
                                     self.view(ce2e, fixed[0], fixed[-1]) if ce2e else None))
         page = DerivationPage(key, repo_path(df.path), df.title, d.id, d.title, d.note, domains, chains,
@@ -320,29 +362,26 @@ class _Builder:
         return page
 
 
-def _export_users():
-    from derive.codegen.kernels import shipped_kernels
-
+def _export_users(kernels):
+    """(file name, export) -> [(kernel page key, kernel name, role)]."""
     users = {}
-    for spec in shipped_kernels():
-        for role in EXPORT_ROLES:
-            export = getattr(spec, role, None)
-            if export:
-                users.setdefault(export, []).append((spec.name, role))
+    for k in kernels:
+        for role, export in k.exports.items():
+            users.setdefault((Path(str(k.path)).name, export), []).append((role, k))
     return users
 
 
-def _def_lines(path: Path, pattern: str) -> dict:
+def _def_lines(text: str, pattern: str) -> dict:
     out = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for i, line in enumerate(text.splitlines(), start=1):
         m = re.match(pattern, line)
         if m and m["suffix"] not in out:
             out[m["suffix"]] = i
     return out
 
 
-def _function_source(path: Path, name: str) -> str:
-    lines = path.read_text(encoding="utf-8").splitlines()
+def _function_source(text: str, name: str) -> str:
+    lines = text.splitlines()
     start = next(i for i, l in enumerate(lines) if l.startswith(f"def {name}("))
     end = start + 1
     while end < len(lines) and (not lines[end] or lines[end][0] in " \t"):
@@ -352,30 +391,90 @@ def _function_source(path: Path, name: str) -> str:
     return "\n".join(lines[start:end])
 
 
-def _kernels():
-    from derive.runtime import losses
-    from derive.codegen.kernels import shipped_kernels
+#: what each layout computes, for the kernel pages
+LAYOUT_WHAT = {
+    "elementwise": "one loss and one gradient d loss/dx per element",
+    "softmax": "per row of (N, K) logits: m = max, the compensated sum S, u_k = x_k - m - log S = log p_k; "
+               "one loss per row and the gradient with respect to every logit",
+}
 
-    gen = generated_dir()
+
+def kernel_keys(kernels) -> dict:
+    """(file name, kernel name) -> page key: kernels/<name>, or kernels/<module>.<name> for a
+    name that two files declare."""
+    count = Counter(k.name for k in kernels)
+    return {(Path(str(k.path)).name, k.name): f"kernels/{k.name}" if count[k.name] == 1
+            else f"kernels/{k.module}.{k.name}" for k in kernels}
+
+
+def _param_views(k) -> list:
+    out = []
+    for p in k.params:
+        d = k.defaults.get(p)
+        note = None
+        if k.weight and p == "alpha":
+            note = f"a negative alpha turns the weight {k.weight} off (it is 1)"
+        if k.class_alpha and p == "alpha":
+            note = ((note + "; ") if note else "") + "one number, or one weight per class"
+        out.append(ParamView(p, k.domains[p].pretty(), None if d is None else f"{d:g}", note))
+    return out
+
+
+def _load_call(k, keys) -> str:
+    from derive.runtime.kernel_files import _signature
+
+    return f"derive.load({Path(str(k.path)).name!r}).{k.name}{_signature(k)}"
+
+
+def _kernels(files, keys, anchor):
+    """One view per [[kernel]] of the loaded ``files``, in file order."""
+    from derive.docs import numerics
+    from derive.language.loader import TARGETS
+    from derive.runtime import losses
+
     views = []
-    for spec in shipped_kernels():
-        name = spec.name
-        api = []
-        for fn in spec.functions:
-            f = getattr(losses, fn)
-            doc = (inspect.getdoc(f) or "").splitlines()
-            api.append((fn, str(inspect.signature(f)), doc[0] if doc else ""))
-        exports = [(role, getattr(spec, role)) for role in EXPORT_ROLES if getattr(spec, role, None)]
-        views.append(KernelView(
-            name, spec.title, spec.kind, tuple(spec.params), api,
-            [(role, e, f"export-{e}") for role, e in exports],
-            _def_lines(gen / "focal_kernels.py", rf"def {name}_(?P<suffix>f32|f64)\("),
-            _def_lines(gen / "focal_kernels.c", rf"int derive_{name}_(?P<suffix>f32|f64)\("),
-            _def_lines(gen / "focal_kernels.h", rf"int derive_{name}_(?P<suffix>f32|f64)\("),
-            _function_source(gen / "focal_kernels.py", f"{name}_f64"),
-            f"accuracy_{name}",
-        ))
+    by_name = {(Path(str(k.path)).name, k.name): k for f in files for k in f.kernels}
+    for f in files:
+        gen = numerics.generated(str(f.path)) if f.kernels else None
+        for k in f.kernels:
+            fname = Path(str(k.path)).name
+            api = []
+            for fn in k.functions:
+                func = getattr(losses, fn, None)
+                if func is None:
+                    raise ValueError(f"{f.path}: kernel {k.name!r}: functions names {fn!r}, which "
+                                     "derive.runtime.losses does not define")
+                doc = (inspect.getdoc(func) or "").splitlines()
+                api.append((fn, str(inspect.signature(func)), doc[0] if doc else ""))
+            exports = [(role, e, anchor(Path(str(k.path)).stem, e)) for role, e in k.exports.items()]
+            soft = getattr(k, "soft", None)
+            soft_of = [keys[(fname, o.name)] for o in f.kernels if getattr(o, "soft", None) == k.name]
+            py, c, h = gen.texts[".py"], gen.texts[".c"], gen.texts[".h"]
+            views.append(KernelView(
+                keys[(fname, k.name)], k.name, k.title, k.module, repo_path(k.path), _in_repo(k.path),
+                k.derivation, f"{Path(str(k.path)).stem}/{k.derivation}", k.layout, LAYOUT_WHAT[k.layout],
+                k.target, TARGETS[k.target], _param_views(k), api, _load_call(k, keys), exports,
+                getattr(k, "conditioned", None), keys[(fname, soft)] if soft and (fname, soft) in by_name else None,
+                soft_of, {s: (gen.path(s) if gen.committed else None) for s in (".py", ".c", ".h")},
+                _def_lines(py, rf"def {k.name}_(?P<suffix>f32|f64)\("),
+                _def_lines(c, rf"int derive_{k.name}_(?P<suffix>f32|f64)\("),
+                _def_lines(h, rf"int derive_{k.name}_(?P<suffix>f32|f64)\("),
+                _function_source(py, f"{k.name}_f64"),
+                [f"values_{keys[(fname, k.name)].split('/', 1)[1]}", f"accuracy_{keys[(fname, k.name)].split('/', 1)[1]}"],
+            ))
     return views
+
+
+def _in_repo(path) -> bool:
+    """Whether a file is one of the repository's (the pages link those, and cite others by name)."""
+    from derive.resources import DataFilesMissing, PACKAGE_DIR, data_root
+
+    p = Path(str(path)).resolve()
+    try:
+        roots = (data_root().resolve(), PACKAGE_DIR.parent)
+    except DataFilesMissing:
+        roots = (PACKAGE_DIR.parent,)
+    return any(p.is_relative_to(r) for r in roots)
 
 
 def build_model(report: Report, step_timeout: float = 4.0) -> Docs:

@@ -79,6 +79,7 @@ def render_all(docs: Docs, figures: list) -> dict:
     pages = [("README", "index", {}), ("stable_rewrites", "stable_rewrites", {}), ("kernels", "kernels", {}),
              ("plots", "plots", {})]
     pages += [(p.key, "derivation", {"page": p}) for p in docs.pages]
+    pages += [(k.key, "kernel", {"k": k}) for k in docs.kernels]
     figs = {f.stem: f for f in figures}
     out = {}
     for fmt in (MD, HTML):
