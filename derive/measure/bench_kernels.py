@@ -341,7 +341,7 @@ def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, gammas=GAMMAS, dtypes=
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {_cpu_name()}",
         "python": sys.version.split()[0], "numpy": np.__version__,
         "flags": list(cbuild.build_flags()) if have_c else None,
-        "vector_math": bool(lib.derive_vector_math()) if lib is not None else None,
+        "vector_math": bool(getattr(lib, f"derive_{cbuild.DEFAULT_MODULE}_vector_math")()) if lib is not None else None,
         "sizes": {"sigmoid": sigmoid_n, "softmax": list(softmax_shape)},
         "peers": _peer_versions(),
     }
