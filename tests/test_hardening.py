@@ -143,23 +143,32 @@ def test_out_arrays_are_filled_in_place_with_the_same_values(backend, dtype):
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
 def test_bad_labels_are_named(backend, dtype):
-    """A label other than 0 or 1 (NaN too) raises ValueError naming it, from every elementwise
+    """A target outside [0, 1] (NaN too) raises ValueError naming it, from every elementwise
     function, with or without out=, wherever it sits (the C kernels check labels in their
-    main pass, block by block and thread by thread)."""
+    main pass, block by block and thread by thread); a soft target (strictly between 0 and 1)
+    raises it only from FL*, which has no soft definition."""
     n = 70001  # above DERIVE_PARALLEL_MIN, not a multiple of the block
     x = np.linspace(-20, 20, n).astype(np.float64 if dtype == np.int64 else dtype)
     good = (np.arange(n) % 3 == 0).astype(dtype)
-    bads = [2, -1] if dtype == np.int64 else [2, -1, 0.5, np.nan, 1e-30]
+    bads = [2, -1] if dtype == np.int64 else [2, -1, 0.5, np.nan, 1e-30, 1.5, -1e-30]
+    positions = (0, n // 2, n - 1, 1025, n - 2, 4095, 4096)  # 4096: past the C path's look at the first labels
     for name, kw in _ELEMENTWISE:
         fn = getattr(L, name)
+        soft = name != "focal_loss_star"
         fn(x, good, backend=backend, **kw)  # the good labels pass
-        for pos, bad in zip((0, n // 2, n - 1, 1025, n - 2), bads):
+        for pos, bad in zip(positions, bads):
             t = good.copy()
             t[pos] = bad
-            with pytest.raises(ValueError, match="targets must hold labels 0 or 1, found") as err:
+            if soft and 0 < bad < 1:
+                fn(x, t, backend=backend, **kw)  # a soft target, taken by the soft kernel
+                continue
+            want = ("soft targets are not defined for FL" if 0 < bad < 1 else
+                    "targets must hold values in \\[0, 1\\] \\(labels 0 or 1, or soft targets\\), found" if soft else
+                    "targets must hold labels 0 or 1, found")
+            with pytest.raises(ValueError, match=want) as err:
                 fn(x, t, backend=backend, **kw)
             assert str(err.value).endswith(repr(t[pos].item())), (err.value, pos)  # the bad one, named, as a plain number
-            with pytest.raises(ValueError, match="labels 0 or 1"):
+            with pytest.raises(ValueError, match=want):
                 fn(x, t, backend=backend, out=(np.empty_like(x), np.empty_like(x)), **kw)
 
 

@@ -315,7 +315,7 @@ def test_a_new_cache_folder_is_private(tmp_path, isolated, seed_cache):
     cache = tmp_path / "deep" / "cache"
     isolated.setenv("DERIVE_CACHE_DIR", str(cache))
     isolated.setattr(cbuild, "compile_library",
-                     lambda cmd, out, generated=cbuild.GENERATED_DIR: _install_seed(seed_cache, out))
+                     lambda cmd, out, generated=cbuild.GENERATED_DIR, module=cbuild.DEFAULT_MODULE: _install_seed(seed_cache, out))
     cbuild.load()
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
 
@@ -515,7 +515,7 @@ def test_an_entry_that_never_matches_its_digest_is_an_error_not_a_load(tmp_path,
     isolated.setenv("DERIVE_CACHE_DIR", str(cache))
     builds = []
 
-    def hostile(cmd, out, generated=cbuild.GENERATED_DIR):
+    def hostile(cmd, out, generated=cbuild.GENERATED_DIR, module=cbuild.DEFAULT_MODULE):
         builds.append(out)
         cbuild._private_cache_dir(out.parent)
         out.write_bytes(b"\x7fELF then nothing")

@@ -51,8 +51,10 @@ CFLAGS = ("-std=c99", "-O3", "-fno-math-errno", "-fno-trapping-math", "-Wall", "
           "-shared")
 OPTIONAL_FLAGS = (("DERIVE_OPENMP", "-fopenmp"), ("DERIVE_NATIVE", "-march=native"))
 LDLIBS = ("-lm",)
-SOURCE = "focal_kernels.c"
-HEADER = "focal_kernels.h"
+#: The module of the shipped focal kernels; every generated module is ``<module>.{c,h,py}`` in its folder.
+DEFAULT_MODULE = "focal_kernels"
+SOURCE = DEFAULT_MODULE + ".c"
+HEADER = DEFAULT_MODULE + ".h"
 
 
 class BuildError(RuntimeError):
@@ -185,10 +187,13 @@ def cpu_id() -> str:
         return platform.machine() + " " + platform.processor()
 
 
-def source_digest(generated: Path = GENERATED_DIR) -> str:
-    """The digest written into the generated header (what a loaded library must report)."""
-    text = (Path(generated) / HEADER).read_text()
-    marker = '#define DERIVE_FOCAL_KERNELS_SOURCE "'
+def source_digest(generated: Path = GENERATED_DIR, module: str = DEFAULT_MODULE) -> str:
+    """The digest written into the generated header, ``DERIVE_<MODULE>_SOURCE`` (what the
+    library's ``derive_<module>_source()`` must report)."""
+    text = (Path(generated) / f"{module}.h").read_text()
+    marker = f'#define DERIVE_{module.upper()}_SOURCE "'
+    if marker not in text:
+        raise ValueError(f"{module}.h defines no DERIVE_{module.upper()}_SOURCE")
     i = text.index(marker) + len(marker)
     return text[i:text.index('"', i)]
 
@@ -205,9 +210,9 @@ def _file_hash(path: Path) -> bytes:
     return _FILE_HASHES[key]
 
 
-def build_key(cmd, generated: Path = GENERATED_DIR) -> str:
+def build_key(cmd, generated: Path = GENERATED_DIR, module: str = DEFAULT_MODULE) -> str:
     h = hashlib.sha256()
-    for name in (SOURCE, HEADER):
+    for name in (f"{module}.c", f"{module}.h"):
         h.update(_file_hash(Path(generated) / name))
     flags = build_flags(cmd)
     h.update("\0".join(flags + LDLIBS).encode())
@@ -238,7 +243,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
-def compile_library(cmd, out: Path, generated: Path = GENERATED_DIR) -> None:
+def compile_library(cmd, out: Path, generated: Path = GENERATED_DIR, module: str = DEFAULT_MODULE) -> None:
     """Compile into ``out`` atomically (a temporary file in the same folder, then rename), its
     SHA-256 into :func:`digest_path` (renamed into place just before the library)."""
     _private_cache_dir(out.parent)
@@ -249,7 +254,7 @@ def compile_library(cmd, out: Path, generated: Path = GENERATED_DIR) -> None:
                          "set DERIVE_CACHE_DIR to a writable folder") from None
     os.close(fd)
     try:
-        args = [*cmd, *build_flags(cmd), "-I", str(generated), str(Path(generated) / SOURCE), "-o", tmp, *LDLIBS]
+        args = [*cmd, *build_flags(cmd), "-I", str(generated), str(Path(generated) / f"{module}.c"), "-o", tmp, *LDLIBS]
         try:
             res = subprocess.run(args, capture_output=True, text=True, timeout=600)
         except subprocess.TimeoutExpired:
@@ -301,23 +306,23 @@ def verify_entry(path: Path) -> bool:
     return h.hexdigest() == want
 
 
-def _entry(cmd, key: str, generated: Path) -> Path:
-    """The verified cache entry for ``key``, built (again) when missing or failing the check."""
-    path = _private_cache_dir(cache_dir()) / f"libderive_focal_{key}{_lib_suffix()}"
+def _entry(cmd, key: str, generated: Path, module: str = DEFAULT_MODULE) -> Path:
+    """The verified cache entry for ``key``, built (again) when missing or failing the check;
+    named by the module (``libderive_<module>_<key>.so``), so a cache folder says what it holds."""
+    path = _private_cache_dir(cache_dir()) / f"libderive_{module}_{key}{_lib_suffix()}"
     if verify_entry(path):
         return path
     for _ in range(2):  # a concurrent builder may replace the pair between our writes and our check
-        compile_library(cmd, path, generated)
+        compile_library(cmd, path, generated, module)
         if verify_entry(path):
             return path
     raise BuildError(f"{path} does not match its recorded SHA-256 ({digest_path(path)}) even after "
                      "rebuilding it; is another program writing into the cache folder?")
 
 
-def _check_loaded(lib, expected: str) -> bool:
-    try:
-        fn = lib.derive_focal_kernels_source
-    except AttributeError:
+def _check_loaded(lib, expected: str, module: str = DEFAULT_MODULE) -> bool:
+    fn = _helper(lib, module, "source")
+    if fn is None:
         return False
     fn.restype = ctypes.c_char_p
     fn.argtypes = []
@@ -327,23 +332,23 @@ def _check_loaded(lib, expected: str) -> bool:
 _NUMPY_MODULES: dict = {}
 
 
-def load_numpy_module(generated: Path = GENERATED_DIR):
-    """The generated NumPy module (generated/focal_kernels.py), imported by path."""
+def load_numpy_module(generated: Path = GENERATED_DIR, module: str = DEFAULT_MODULE):
+    """The generated NumPy module (``generated/<module>.py``), imported by path."""
     import importlib.util
 
-    mod = _NUMPY_MODULES.get(generated)  # by the argument first: no path resolution per call
+    mod = _NUMPY_MODULES.get((generated, module))  # by the arguments first: no path resolution per call
     if mod is not None:
         return mod
-    path = (Path(generated) / "focal_kernels.py").resolve()
+    path = (Path(generated) / f"{module}.py").resolve()
     mod = _NUMPY_MODULES.get(path)
     if mod is None:
         if not path.exists():
             raise BuildError(f"{path} is missing: run `make codegen`")
-        spec = importlib.util.spec_from_file_location(f"derive_generated_focal_kernels_{len(_NUMPY_MODULES)}", path)
+        spec = importlib.util.spec_from_file_location(f"derive_generated_{module}_{len(_NUMPY_MODULES)}", path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         _NUMPY_MODULES[path] = mod
-    _NUMPY_MODULES[generated] = mod
+    _NUMPY_MODULES[(generated, module)] = mod
     return mod
 
 
@@ -351,61 +356,71 @@ _LOCK = threading.Lock()
 _LOADED: dict = {}
 
 
-def library_path(generated: Path = GENERATED_DIR) -> Path:
+def library_path(generated: Path = GENERATED_DIR, module: str = DEFAULT_MODULE) -> Path:
     """Build (if needed) and return the cached shared library's path (checked as
     :func:`verify_entry` says)."""
     cmd = find_compiler()
-    return _entry(cmd, _key(cmd, generated), generated)
+    return _entry(cmd, _key(cmd, generated, module), generated, module)
 
 
-def _key(cmd, generated) -> str:
+def _key(cmd, generated, module=DEFAULT_MODULE) -> str:
     try:
-        return build_key(cmd, generated)
+        return build_key(cmd, generated, module)
     except OSError as exc:
         raise BuildError(f"cannot read the generated kernels: {exc.strerror or exc}{_where(exc)}") from None
 
 
 _RECHECK_S = 0.5  # a loaded library is looked up again (files, environment) at most this often
-_RECENT: dict = {}  # generated folder -> (monotonic time of the last lookup, library)
+_RECENT: dict = {}  # (generated folder, module) -> (monotonic time of the last lookup, library)
 
 
-def load(generated: Path = GENERATED_DIR) -> ctypes.CDLL:
-    """The loaded library (built on first use, cached on disk and in this process).  Within
-    half a second of the last lookup for the same folder the same library is returned without
-    looking at the files (a training loop's calls cost no stat calls)."""
-    recent = _RECENT.get(generated)
+def load(generated: Path = GENERATED_DIR, module: str = DEFAULT_MODULE) -> ctypes.CDLL:
+    """The loaded library of ``generated/<module>.c`` (built on first use, cached on disk and in
+    this process).  Within half a second of the last lookup for the same module the same
+    library is returned without looking at the files (a training loop's calls cost no stat calls)."""
+    recent = _RECENT.get((generated, module))
     if recent is not None and time.monotonic() - recent[0] < _RECHECK_S:
         return recent[1]
-    lib = _load(Path(generated))
-    _RECENT[generated] = (time.monotonic(), lib)  # after a build, its end
+    lib = _load(Path(generated), module)
+    _RECENT[(generated, module)] = (time.monotonic(), lib)  # after a build, its end
     return lib
 
 
-def _load(generated: Path) -> ctypes.CDLL:
+def _load(generated: Path, module: str = DEFAULT_MODULE) -> ctypes.CDLL:
     with _LOCK:
         cmd = find_compiler()
-        key = _key(cmd, generated)
-        if key in _LOADED:
-            return _LOADED[key]
+        key = _key(cmd, generated, module)
+        if (module, key) in _LOADED:
+            return _LOADED[(module, key)]
         try:
-            expected = source_digest(generated)
+            expected = source_digest(generated, module)
         except (OSError, ValueError) as exc:
             raise BuildError(f"cannot read the source digest of the generated header in {generated}: {exc}") from None
-        path = _entry(cmd, key, generated)  # checked before it is loaded
+        path = _entry(cmd, key, generated, module)  # checked before it is loaded
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as exc:
             raise BuildError(f"the C kernels were compiled but cannot be loaded: {exc}") from None
-        if not _check_loaded(lib, expected):
+        if not _check_loaded(lib, expected, module):
             raise BuildError(f"{path} does not report source digest {expected}")
-        _declare(lib, generated)
-        _LOADED[key] = lib
+        _declare(lib, generated, module)
+        _LOADED[(module, key)] = lib
         return lib
 
 
-def _declare(lib, generated):
+def _helper(lib, module, helper):
+    """The library's ``derive_<module>_<helper>`` (each module's own name, so that two modules
+    link into one program), or None.  :func:`load` also makes it ``lib.derive_<helper>``, one
+    name for the callers whatever the module."""
+    try:
+        return getattr(lib, f"derive_{module}_{helper}")
+    except AttributeError:
+        return None
+
+
+def _declare(lib, generated, module=DEFAULT_MODULE):
     """Set argtypes/restype from the kernel table of the generated NumPy module."""
-    table = load_numpy_module(generated).KERNELS
+    table = load_numpy_module(generated, module).KERNELS
     c_int64_p = ctypes.POINTER(ctypes.c_int64)
     for dt, ct in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
         ptr = ctypes.POINTER(ct)
@@ -414,22 +429,28 @@ def _declare(lib, generated):
             fn.restype = ctypes.c_int
             if info["kind"] == "elementwise":
                 args = [ctypes.c_size_t, ptr, ptr] + [ct for _ in info["params"]]
+            elif info.get("target") == "class_probs":  # x and q, both n-by-k
+                args = [ctypes.c_size_t, ctypes.c_size_t, ptr, ptr] + [ct for _ in info["params"]]
             else:
                 args = [ctypes.c_size_t, ctypes.c_size_t, ptr, c_int64_p]
                 for p in info["params"]:
                     args += [ptr, ct] if (p == "alpha" and info["class_alpha"]) else [ct]
                 args.append(ctypes.c_int64)
             fn.argtypes = args + [ptr, ptr]
-    lib.derive_set_num_threads.argtypes = [ctypes.c_int]
-    lib.derive_set_num_threads.restype = ctypes.c_int
-    lib.derive_get_num_threads.argtypes = []
-    lib.derive_get_num_threads.restype = ctypes.c_int
+    helpers = [("set_num_threads", [ctypes.c_int], ctypes.c_int), ("get_num_threads", [], ctypes.c_int),
+               ("vector_math", [], ctypes.c_int)]
     for dt, ct in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
-        fn = getattr(lib, f"derive_first_bad_label_{dt}")
-        fn.argtypes = [ctypes.c_size_t, ctypes.POINTER(ct)]
-        fn.restype = ctypes.c_size_t
-    lib.derive_vector_math.argtypes = []
-    lib.derive_vector_math.restype = ctypes.c_int
+        helpers += [(f"{h}_{dt}", [ctypes.c_size_t, ctypes.POINTER(ct)], ctypes.c_size_t)
+                    for h in ("first_bad_label", "first_bad_target")]
+    for helper, argtypes, restype in helpers:
+        fn = _helper(lib, module, helper)
+        if fn is None:
+            if helper.startswith("first_bad_target"):  # only modules with soft kernels have it
+                continue
+            raise BuildError(f"the C kernels of {module} define no derive_{module}_{helper}: regenerate them")
+        fn.argtypes, fn.restype = argtypes, restype
+        # one name for the callers whatever the module: lib.derive_<helper>
+        setattr(lib, f"derive_{helper}", fn)
 
 
 __all__ = ["load", "library_path", "cache_dir", "find_compiler", "BuildError", "CompilerNotFoundError", "CFLAGS",

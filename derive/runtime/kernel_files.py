@@ -101,7 +101,7 @@ def _signature(decl) -> inspect.Signature:
             keyword_only = True
     kind = P.KEYWORD_ONLY if keyword_only else P.POSITIONAL_OR_KEYWORD
     tail = [P("reduction", kind, default="none")]
-    if decl.layout == "softmax":
+    if decl.layout == "softmax" and decl.target == "class_index":
         tail.insert(0, P("ignore_index", kind, default=-100))
     if keyword_only:
         params += tail + [P(n, kind, default=d) for n, d in declared]
@@ -122,11 +122,20 @@ def _doc(decl, path) -> str:
              f"Kernel {decl.name!r} of {path} (derivation {decl.derivation!r}: loss {decl.loss}), "
              f"layout {decl.layout!r}, target {decl.target!r}.", "", "Parameters", "----------"]
     if decl.layout == "softmax":
-        lines += ["inputs : array_like of float32 or float64, shape (N, K)",
-                  "targets : array_like of integers, shape (N,): class indices in [0, K), or ignore_index"]
+        lines.append("inputs : array_like of float32 or float64, shape (N, K), (N, K, d1, ...) or (K,): classes on axis 1")
+        if decl.target == "class_probs":
+            lines.append("targets : array_like of floats, the shape of inputs: class probabilities in [0, 1]")
+        else:
+            lines.append("targets : array_like of integers, shape (N,), (N, d1, ...) or (): class indices in [0, K), "
+                         "or ignore_index")
+    elif decl.target == "soft":
+        lines += ["inputs : array_like of float32 or float64, any shape (0-d included)",
+                  "targets : array_like, the shape of inputs: values in [0, 1] (labels or soft targets)"]
     else:
-        lines += ["inputs : array_like of float32 or float64, any shape",
-                  "targets : array_like, the shape of inputs: labels 0 or 1"]
+        soft = getattr(decl, "soft", None)
+        lines += ["inputs : array_like of float32 or float64, any shape (0-d included)",
+                  "targets : array_like, the shape of inputs: labels 0 or 1"
+                  + (f", or soft targets in [0, 1] (then kernel {soft!r})" if soft else "")]
     for p in decl.params:
         d = decl.defaults.get(p)
         extra = " (or negative for no weighting)" if decl.weight and p == "alpha" else ""
@@ -138,19 +147,23 @@ def _doc(decl, path) -> str:
     return "\n".join(lines)
 
 
-def _function(decl, generated: Path, path):
+def _function(decl, src, path):
+    """The Python function of one kernel of the generated module ``src`` = (folder, module)."""
     sig = _signature(decl)
     name = decl.name
 
-    run = losses._elementwise if decl.layout == "elementwise" else losses._rowwise
+    if decl.layout == "elementwise":
+        run = losses._elementwise
+    else:
+        run = losses._probs if decl.target == "class_probs" else losses._rowwise
 
     def kernel(*args, **kwargs):
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
-        rows = () if decl.layout == "elementwise" else (a["ignore_index"],)  # softmax: the ignore label
+        rows = (a["ignore_index"],) if "ignore_index" in a else ()  # class indices: the ignore label
         return run(name, a["inputs"], a["targets"], {p: a[p] for p in decl.params}, *rows, a["reduction"],
-                   a["backend"], a["return_grad"], a["threads"], a["out"], generated)
+                   a["backend"], a["return_grad"], a["threads"], a["out"], src)
     kernel.__name__ = kernel.__qualname__ = name
     kernel.__signature__ = sig
     kernel.__doc__ = _doc(decl, path)
@@ -158,31 +171,44 @@ def _function(decl, generated: Path, path):
 
 
 class LoadedKernels:
-    """The kernels of one derivation file: one function per ``[[kernel]]``, named by the kernel."""
+    """Kernels of derivation files: one function per ``[[kernel]]``, named by the kernel.
 
-    def __init__(self, path, file, generated: Path):
-        self._path = str(path)
-        self._file = file
-        self._generated = generated
-        self._names = [k.name for k in file.kernels]
-        for k in file.kernels:
-            setattr(self, k.name, _function(k, generated, path))
+    ``derive.load(FILE)`` gives those of one file; ``derive.kernels`` those of every shipped
+    file, and ``derive.shipped(MODULE)`` those of one shipped file."""
+
+    def __init__(self, what, kernels, generated: Path):
+        """``kernels``: [(KernelDecl, module, path)], each a kernel of ``generated/<module>.*``
+        declared in the file ``path``; ``what`` says where they come from (in the repr)."""
+        self._what = str(what)
+        self._generated = Path(generated)
+        self._names = [k.name for k, _, _ in kernels]
+        self._modules = {}
+        for k, module, path in kernels:
+            self._modules.setdefault(module, []).append(k.name)
+            setattr(self, k.name, _function(k, (generated, module), path))
 
     @property
     def kernel_names(self) -> list:
         return list(self._names)
 
     @property
+    def modules(self) -> dict:
+        """module -> the names of its kernels (the generated files ``<module>.{py,c,h}``)."""
+        return {m: list(names) for m, names in self._modules.items()}
+
+    @property
     def generated(self) -> Path:
-        """The cache folder of the generated NumPy module, C source and header."""
+        """The folder of the generated NumPy modules, C sources and headers."""
         return self._generated
 
     def available_backends(self) -> list:
-        """["c", "numpy"] when this file's C library builds and loads, else ["numpy"] (and one warning)."""
-        return ["c", "numpy"] if losses._c_works(stacklevel=2, generated=self._generated) else ["numpy"]
+        """["c", "numpy"] when the C library of every module here builds and loads, else ["numpy"]
+        (and one warning per module that does not)."""
+        ok = [losses._c_works(stacklevel=2, src=(self._generated, m)) for m in self._modules]
+        return ["c", "numpy"] if all(ok) else ["numpy"]
 
     def __repr__(self):
-        return f"<derive kernels from {self._path}: {', '.join(self._names)}>"
+        return f"<derive kernels from {self._what}: {', '.join(self._names)}>"
 
     def __dir__(self):
         return sorted(set(super().__dir__()) | set(self._names))
@@ -206,9 +232,56 @@ def load(path, *, step_timeout: float = 4.0, timeout: float | None = None) -> Lo
             raise DerivationFileError(f.path, f"the name {k.name!r} is taken by the loaded object's own attributes "
                                       "(or starts with '_'): rename the kernel", kernel=k.name, lineno=k.lineno)
     _check_proved(f, step_timeout, timeout)
-    module = Path(cbuild.SOURCE).stem  # the names cbuild compiles and imports
+    from derive.codegen import module_name
+
+    module = module_name(f)
     texts = render_all(path, file=f, module=module)
-    return LoadedKernels(path, f, _write_sources(texts))
+    return LoadedKernels(path, [(k, module, path) for k in f.kernels], _write_sources(texts))
 
 
-__all__ = ["load", "LoadedKernels", "NotProvedError", "SOURCES_DIR"]
+_SHIPPED: dict = {}  # module (None: all) -> LoadedKernels
+
+
+def _shipped_decls() -> list:
+    """[(KernelDecl, module, path)] of every shipped derivation file with [[kernel]] tables, in
+    the order of derive.codegen.kernels.shipped_kernels(), each checked against its committed
+    generated/<module>.py (a file changed without ``make codegen`` is an error, not a silent
+    mismatch between the arguments and the kernel)."""
+    from derive.codegen import kernels as K, module_name
+
+    decls = []
+    for k in K.shipped_kernels():
+        module = getattr(k, "module", None) or module_name(load_file(K.STABLE_FORMS))
+        decls.append((k, module, getattr(k, "path", None) or K.STABLE_FORMS))
+    seen = {}
+    for k, module, path in decls:
+        if k.name in seen:
+            raise DerivationFileError(path, f"the kernel name {k.name!r} is also a kernel of module {seen[k.name]!r}: "
+                                      "derive.kernels needs unique names", kernel=k.name, lineno=k.lineno)
+        seen[k.name] = module
+        table = cbuild.load_numpy_module(cbuild.GENERATED_DIR, module).KERNELS
+        if k.name not in table or tuple(table[k.name]["params"]) != tuple(k.params):
+            raise cbuild.BuildError(f"{cbuild.GENERATED_DIR / (module + '.py')} does not hold kernel {k.name!r} as "
+                                    f"{path} declares it: regenerate it (make codegen, or derive codegen)")
+    return decls
+
+
+def shipped(module: str | None = None) -> LoadedKernels:
+    """The kernels of the shipped derivation files (derive/derivations/*.toml), from the committed
+    generated/ sources: every kernel (``module=None``; also ``derive.kernels``) or those of one
+    module (``"asl"``, ``"focal_kernels"``, ...).  Nothing is verified at call time (``make
+    verify`` proves the shipped files); the functions are those of :func:`load`."""
+    if module in _SHIPPED:
+        return _SHIPPED[module]
+    decls = _shipped_decls()
+    if module is not None:
+        modules = list(dict.fromkeys(m for _, m, _ in decls))
+        if module not in modules:
+            raise ValueError(f"no shipped module {module!r}; the shipped modules are {', '.join(map(repr, modules))}")
+        decls = [d for d in decls if d[1] == module]
+    what = "the shipped files" if module is None else f"shipped module {module!r} ({decls[0][2]})"
+    _SHIPPED[module] = LoadedKernels(what, decls, cbuild.GENERATED_DIR)
+    return _SHIPPED[module]
+
+
+__all__ = ["load", "shipped", "LoadedKernels", "NotProvedError", "SOURCES_DIR"]
