@@ -17,7 +17,7 @@ declaration:
 * **elementwise points**: a grid over [-30, 30] (inner points shifted off the dyadic grid, so
   that products such as gamma*x get rounded), random points in [-40, 40] and of random
   magnitude in [1e-8, 200]; binary targets take both labels, soft targets the values 0, 1,
-  0.5, 1e-3, 1 - 1e-3 and random ones.
+  0.5, 1e-3, 1 - 1e-3 and random ones (every x with each; ``--quick``: one per x, in turn).
 * **softmax rows**: K in (2, 80, 1000) (``--quick``: 2, 80), random logits in [-30, 30], rows
   whose target dominates by 60 or loses by 60; class-index targets random (and an ignored
   row), class-probability targets random rows, one-hot and smoothed one-hot rows.
@@ -55,7 +55,7 @@ UNBOUNDED_STEPS = (0.25, 0.5, 1.0, 2.0, 5.0, 20.0)
 SOFT_TARGETS = (0.0, 1.0, 0.5, 1e-3, 1.0 - 1e-3)
 SOFTMAX_K = (2, 80, 1000)
 FULL = {"points": 601, "random": 120, "rows": 12, "ks": SOFTMAX_K, "soft_random": 3}
-QUICK = {"points": 43, "random": 16, "rows": 4, "ks": SOFTMAX_K[:2], "soft_random": 1}
+QUICK = {"points": 43, "random": 16, "rows": 4, "ks": SOFTMAX_K[:2], "soft_random": 1, "cycle_soft": True}
 
 
 @dataclass
@@ -178,11 +178,14 @@ def _targets(spec, rng, soft_random):
 
 
 def elementwise_points(spec, dtype, cfg, seed=0):
-    """(x, t) of the measured points, in dtype: every x paired with every target value."""
+    """(x, t) of the measured points, in dtype: every x paired with every target value (--quick:
+    soft targets in turn, one per x, both labels for every x)."""
     rng = np.random.default_rng(seed)
     xs = np.concatenate([grid(cfg["points"]), rng.uniform(-40, 40, cfg["random"]),
                          rng.choice([-1.0, 1.0], cfg["random"]) * 10.0 ** rng.uniform(-8, np.log10(200), cfg["random"])])
     ts = _targets(spec, rng, cfg["soft_random"])
+    if spec.target == "soft" and cfg.get("cycle_soft"):
+        return xs.astype(dtype), ts[np.arange(len(xs)) % len(ts)].astype(dtype)
     x = np.repeat(xs, len(ts)).astype(dtype)
     t = np.tile(ts, len(xs)).astype(dtype)
     return x, t
@@ -258,24 +261,11 @@ def _call(fn, spec, backend, x, t, params):
 
 
 def _shipped_function(spec):
-    """The runtime's function for a shipped kernel (helper D's entry point when present, else the
-    generic elementwise/softmax paths of derive.runtime.losses, else derive.load of its file)."""
+    """The runtime's function for a shipped kernel: ``derive.shipped(module)``, built from the
+    committed generated/ sources (the same machinery as ``derive.load``, no verification)."""
     import derive
-    from derive.runtime import losses
 
-    shipped = getattr(derive, "shipped", None)
-    if callable(shipped):
-        return getattr(shipped(spec.module), spec.name)
-    kernels = getattr(derive, "kernels", None)
-    if kernels is not None and hasattr(kernels, spec.name):
-        return getattr(kernels, spec.name)
-    if getattr(spec, "module", "focal_kernels") == "focal_kernels" and spec.target in ("binary", "class_index"):
-        if spec.layout == "elementwise":
-            return lambda x, t, reduction, return_grad, backend, **p: losses._elementwise(
-                spec.name, x, t, p, reduction, backend, return_grad)
-        return lambda x, t, reduction, return_grad, backend, ignore_index=-100, **p: losses._rowwise(
-            spec.name, x, t, p, ignore_index, reduction, backend, return_grad)
-    return getattr(_load(str(spec.path)), spec.name)
+    return getattr(derive.shipped(spec.module), spec.name)
 
 
 _LOADED: dict = {}
