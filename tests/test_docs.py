@@ -247,7 +247,7 @@ def test_every_kernel_of_every_shipped_file_has_its_page_and_figures(report, fil
     for k, key in documented:
         page = files[f"{key}.md"].decode()
         html = files[f"html/{key}.html"].decode()
-        assert f"({key.split('/', 1)[1]}.md)" in index, key
+        assert f"[{k.name}]({key}.md)" in index, key
         assert f"`{k.layout}`" in page and f"`{k.target}`" in page, key
         for p in k.params:
             assert f"| `{p}` | `{k.domains[p].pretty()}` |" in page, (key, p)
@@ -343,7 +343,8 @@ def test_literal_closed_forms_come_from_the_parsed_files():
 
 def test_a_literal_closed_form_fails_where_the_plots_show_it():
     """At x = 40 a probability rounds to 1 in float64: the literal forms give 0, inf or NaN
-    where the exact values are tiny but not 0 (the kernels stay accurate there)."""
+    where the exact values are tiny but not 0; the kernels stay accurate there (those declared
+    conditioned are left to `make accuracy`, which measures them against the condition number)."""
     from derive.measure.reference import rel_errors
 
     from derive.docs import plots
@@ -356,9 +357,9 @@ def test_a_literal_closed_form_fails_where_the_plots_show_it():
         with np.errstate(all="ignore"):
             lit = numerics.literal(k, x, params)
         kern = numerics.run(k, x, params)
-        cond = plots.condition(k, x, params, np.float64) or (1.0, 1.0)
-        for r in range(2):
-            assert float(rel_errors(kern[r], ref[r], np.float64)[0] / np.max(cond[r])) < 1e-13, (k.name, r)
+        if not getattr(k, "conditioned", None):
+            for r in range(2):
+                assert float(rel_errors(kern[r], ref[r], np.float64)[0]) < 1e-13, (k.name, r)
         failing += any(float(rel_errors(lit[r], ref[r], np.float64)[0]) > 0.5 for r in range(2))
     assert failing >= len(numerics.shipped()) // 2
 
