@@ -10,6 +10,10 @@ function per kernel, named by the kernel.  Each function has the conventions of 
 losses (:mod:`derive.runtime.losses`): ``reduction``, ``return_grad``, ``out=``, ``backend``,
 ``threads``, the same argument checks and errors, the C library built and cached by
 :mod:`derive.runtime.cbuild` on first use.
+
+:func:`shipped` (``derive.kernels``, ``derive.shipped(MODULE)``) gives the same functions for the
+kernels of the shipped files (derive/derivations/*.toml), from the committed generated/ sources,
+without verifying anything at call time (``make verify`` proves those files).
 """
 from __future__ import annotations
 
@@ -118,6 +122,8 @@ def _describe_domain(dom) -> str:
 
 def _doc(decl, path) -> str:
     unit = "row" if decl.layout == "softmax" else "element"
+    mean = (' ("mean": over the rows whose target is not ignore_index)' if decl.target == "class_index" else
+            ' ("mean": over all rows)' if decl.target == "class_probs" else "")
     lines = [f"{decl.title}.", "",
              f"Kernel {decl.name!r} of {path} (derivation {decl.derivation!r}: loss {decl.loss}), "
              f"layout {decl.layout!r}, target {decl.target!r}.", "", "Parameters", "----------"]
@@ -142,7 +148,7 @@ def _doc(decl, path) -> str:
         extra += " (or None, or one weight per class)" if decl.class_alpha and p == "alpha" else ""
         lines.append(f"{p} : float in {_describe_domain(decl.domains[p])}{extra}"
                      + (f", default {d!r}" if d is not None else ""))
-    lines += [f'reduction : "none" (one loss per {unit}), "sum" or "mean"',
+    lines += [f'reduction : "none" (one loss per {unit}), "sum" or "mean"{mean}',
               'backend : "auto", "c" or "numpy"; return_grad, threads, out: as for derive.runtime.losses']
     return "\n".join(lines)
 
@@ -247,12 +253,9 @@ def _shipped_decls() -> list:
     the order of derive.codegen.kernels.shipped_kernels(), each checked against its committed
     generated/<module>.py (a file changed without ``make codegen`` is an error, not a silent
     mismatch between the arguments and the kernel)."""
-    from derive.codegen import kernels as K, module_name
+    from derive.codegen.kernels import shipped_kernels
 
-    decls = []
-    for k in K.shipped_kernels():
-        module = getattr(k, "module", None) or module_name(load_file(K.STABLE_FORMS))
-        decls.append((k, module, getattr(k, "path", None) or K.STABLE_FORMS))
+    decls = [(k, k.module, k.path) for k in shipped_kernels()]
     seen = {}
     for k, module, path in decls:
         if k.name in seen:

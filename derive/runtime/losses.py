@@ -34,10 +34,15 @@ threads (``os.fork``, multiprocessing "fork", DataLoader workers) they run on on
 OpenMP's thread pool does not survive fork, and the child would otherwise hang.  The C
 backend only; results do not depend on it.
 
-Binary labels are 0 or 1 (any numeric or bool dtype); softmax targets are integer class
-indices, or ``ignore_index`` for rows that get zero loss and zero gradient.  Any other label
-or target raises ValueError naming it.  The C backend checks binary labels of the logits'
-dtype in the pass that computes the outputs (no pass of its own over the labels), so with
+Elementwise targets are labels 0 or 1 (any numeric or bool dtype), or soft targets in [0, 1]
+for a kernel whose file names a soft version (``soft = "<kernel>"``; FL* has none and refuses
+them): binary labels cost no pass beyond the kernel's own, and the first targets that are not
+all 0 or 1 send the call to the soft kernel.  Softmax logits are (N, K), (N, K, d1, ...) or
+(K,), classes on axis 1 (torch's layout; the loss has the shape without axis 1); targets are
+integer class indices of that shape, or ``ignore_index`` for rows that get zero loss and zero
+gradient, or (softmax cross-entropy) class probabilities of the logits' shape.  Any other
+label or target raises ValueError naming it.  The C backend checks elementwise targets of the
+logits' dtype in the pass that computes the outputs (no pass of its own over them), so with
 ``out=`` those arrays have been written when that error is raised; every other argument
 error is raised before anything is written.
 """
@@ -409,7 +414,7 @@ def _document(summary, params="", *, kind="elementwise", reduction="none", value
     unit = "row" if softmax else "element"
     loss_shape = "(N,), (N, d1, ...) or ()" if softmax else "the shape of `inputs`"
     mean_note = (" over the rows whose target is not `ignore_index` (0 when there is none)"
-                 + ("; with class probabilities, over all rows (torch's convention)" if probs else "")) if softmax else ""
+                 + (";\n    with class probabilities, over all rows (torch's convention)" if probs else "")) if softmax else ""
     parts = [_DOC_SOFTMAX_IO.format(probs=_DOC_PROBS[probs]) if softmax
              else _DOC_ELEMENTWISE_IO.format(soft=_DOC_SOFT[soft])]
     if params:
