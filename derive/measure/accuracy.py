@@ -17,7 +17,7 @@ declaration:
 * **elementwise points**: a grid over [-30, 30] (inner points shifted off the dyadic grid, so
   that products such as gamma*x get rounded), random points in [-40, 40] and of random
   magnitude in [1e-8, 200]; binary targets take both labels, soft targets the values 0, 1,
-  0.5, 1e-3, 1 - 1e-3 and random ones (every x with each; ``--quick``: one per x, in turn).
+  0.5, 1e-3, 1 - 1e-3 and random ones, in turn: two per x (``--quick``: one).
 * **softmax rows**: K in (2, 80, 1000) (``--quick``: 2, 80), random logits in [-30, 30], rows
   whose target dominates by 60 or loses by 60; class-index targets random (and an ignored
   row), class-probability targets random rows, one-hot and smoothed one-hot rows.
@@ -54,8 +54,8 @@ GRID_RANGE = 30.0
 UNBOUNDED_STEPS = (0.25, 0.5, 1.0, 2.0, 5.0, 20.0)
 SOFT_TARGETS = (0.0, 1.0, 0.5, 1e-3, 1.0 - 1e-3)
 SOFTMAX_K = (2, 80, 1000)
-FULL = {"points": 601, "random": 120, "rows": 12, "ks": SOFTMAX_K, "soft_random": 3}
-QUICK = {"points": 43, "random": 16, "rows": 4, "ks": SOFTMAX_K[:2], "soft_random": 1, "cycle_soft": True}
+FULL = {"points": 601, "random": 60, "rows": 12, "ks": SOFTMAX_K, "soft_random": 3, "soft_per_x": 2}
+QUICK = {"points": 43, "random": 16, "rows": 4, "ks": SOFTMAX_K[:2], "soft_random": 1, "soft_per_x": 1}
 
 
 @dataclass
@@ -178,14 +178,16 @@ def _targets(spec, rng, soft_random):
 
 
 def elementwise_points(spec, dtype, cfg, seed=0):
-    """(x, t) of the measured points, in dtype: every x paired with every target value (--quick:
-    soft targets in turn, one per x, both labels for every x)."""
+    """(x, t) of the measured points, in dtype: every x with both labels; soft targets in turn,
+    ``soft_per_x`` of them per x (every value met about len(x)*soft_per_x/len(values) times)."""
     rng = np.random.default_rng(seed)
     xs = np.concatenate([grid(cfg["points"]), rng.uniform(-40, 40, cfg["random"]),
                          rng.choice([-1.0, 1.0], cfg["random"]) * 10.0 ** rng.uniform(-8, np.log10(200), cfg["random"])])
     ts = _targets(spec, rng, cfg["soft_random"])
-    if spec.target == "soft" and cfg.get("cycle_soft"):
-        return xs.astype(dtype), ts[np.arange(len(xs)) % len(ts)].astype(dtype)
+    if spec.target == "soft":
+        per = cfg.get("soft_per_x", len(ts))
+        idx = (np.arange(len(xs))[:, None] * per + np.arange(per)[None, :]) % len(ts)
+        return np.repeat(xs, per).astype(dtype), ts[idx.ravel()].astype(dtype)
     x = np.repeat(xs, len(ts)).astype(dtype)
     t = np.tile(ts, len(xs)).astype(dtype)
     return x, t
