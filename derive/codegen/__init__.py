@@ -161,6 +161,39 @@ def _kernel_model(prep, file):
     printed = model["code"]["f64"]
     c_text = " ".join([e for _, e in printed.temps] + list(printed.outputs.values()))
     model["pow_gamma"] = "gamma" in spec.params and "pow(" in c_text
+    model["second"] = _second_model(spec, file)
+    return model
+
+
+def _second_model(spec, file):
+    """The second-derivative kernel of one [[kernel]] (hess, or a Hessian-vector product), or None."""
+    from derive.codegen import kernels as _k
+
+    prep = _k.prepare_second(spec, file)
+    if prep is None:
+        return None
+    suffix = _k.SECOND_SUFFIX[spec.kind]
+    model = {"name": f"{spec.name}_{suffix}", "suffix": suffix, "code": {"numpy": _k.print_numpy(prep)},
+             "c_proto": {}, "exports": ", ".join(prep.export_names.values()), "export": spec.second}
+    for dt, cfg in _k.C_CONFIGS.items():
+        model["code"][dt] = _k.print_c(prep, dt)
+        T = cfg.ctype
+        if spec.kind == "elementwise":
+            args = ["size_t n", f"const {T} *x", f"const {T} *t"] + [f"{T} {p}" for p in spec.params] + [f"{T} *hess"]
+        elif spec.kind == "rowprobs":
+            args = ["size_t n", "size_t k", f"const {T} *x", f"const {T} *q"] + [f"{T} {p}" for p in spec.params]
+            args += [f"const {T} *v", f"{T} *out"]
+        else:
+            args = ["size_t n", "size_t k", f"const {T} *x", "const int64_t *target"]
+            for p in spec.params:
+                if p == "alpha" and spec.class_alpha:
+                    args += [f"const {T} *alpha_vec", f"{T} alpha"]
+                else:
+                    args.append(f"{T} {p}")
+            args += ["int64_t ignore_index", f"const {T} *v", f"{T} *out"]
+        model["c_proto"][dt] = f"int derive_{spec.name}_{suffix}_{dt}({', '.join(args)})"
+    model["uses_t"] = any(sym.name == "ti" for e in list(prep.exprs.values()) + list(prep.extra_exprs.values())
+                          for sym in e.free_symbols)
     return model
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import sympy as sp
 
-from derive.language.loader import DerivationFileError, load_file
+from derive.language.loader import DerivationFileError, load_file, second_name
 from derive.codegen.printers import C_CONFIGS, abs_key, c_printer, magnitude_rank, numpy_printer, with_sigmoid_pow
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -56,11 +56,13 @@ def shipped_kernels() -> tuple:
         kernels, seen = [], {}
         for path in shipped_files():
             for k in load_file(path).kernels:
-                if k.name in seen:
+                if k.name in seen or second_name(k) in seen:
                     raise DerivationFileError(path, f"kernel name also declared by {seen[k.name].name}: shipped "
                                               "kernel names must be unique (they name the C functions)",
                                               kernel=k.name)
                 seen[k.name] = path
+                if second_name(k):
+                    seen[second_name(k)] = path
                 kernels.append(k)
         _SHIPPED = tuple(kernels)
     return _SHIPPED
@@ -77,6 +79,13 @@ TEMPLATE_VARS = {"elementwise": ELEMENT_VARS, "rowwise": ROW_VARS, "rowprobs": P
 OUTPUT_ROLES = {"elementwise": {"loss": "loss", "grad": "grad"},
                 "rowwise": {"loss": "loss", "coef": "coef", "target": "target_factor"},
                 "rowprobs": {"term": "term", "dterm": "dterm"}}
+#: the second-derivative kernels (double backward): output name -> export role, per KernelDecl.kind.  The
+#: Hessian-vector products of the softmax layouts need the first derivative's pieces beside the second's.
+SECOND_ROLES = {"elementwise": {"hess": "hess"},
+                "rowwise": {"coef": "coef", "target": "target_factor", "dcoef": "dcoef"},
+                "rowprobs": {"dterm": "dterm", "d2term": "d2term"}}
+#: the generated second-derivative function's suffix, per KernelDecl.kind: derive_<kernel>_<suffix>_<dt>
+SECOND_SUFFIX = {"elementwise": "hess", "rowwise": "hvp", "rowprobs": "hvp"}
 
 
 @dataclass
@@ -123,9 +132,11 @@ def _rename(expr, mapping):
     return expr.xreplace(subs)
 
 
-def prepare(spec, f) -> Prepared:
-    """The SymPy expressions of one kernel, in the variables its template provides."""
-    outs = {out: spec.exports[role] for out, role in OUTPUT_ROLES[spec.kind].items()}
+def prepare(spec, f, roles=None) -> Prepared:
+    """The SymPy expressions of one kernel, in the variables its template provides (``roles``: output name ->
+    export role, default the kernel's own outputs, OUTPUT_ROLES)."""
+    roles = OUTPUT_ROLES[spec.kind] if roles is None else roles
+    outs = {out: spec.exports[role] for out, role in roles.items()}
     ctx, did = _context_of(f, next(iter(outs.values())))
     for export in outs.values():  # the loader checked these; a KernelDecl built by hand may not be
         if export not in f.exports:
@@ -170,6 +181,15 @@ def prepare(spec, f) -> Prepared:
                 f"(it supplies {', '.join(sorted(k for k in mapping if len(k) == 1 or k == 'alpha'))}) nor the "
                 f"params supply: add them to params", kernel=spec.name)
     return Prepared(spec, exprs, extra, outs, did)
+
+
+def prepare_second(spec, f):
+    """The second-derivative kernel's expressions (SECOND_ROLES), or None when the kernel declares no
+    hess / dcoef / d2term."""
+    roles = SECOND_ROLES[spec.kind]
+    if any(r not in spec.exports for r in roles.values()):
+        return None
+    return prepare(spec, f, roles)
 
 
 def _cse(exprs: dict):
@@ -242,5 +262,5 @@ def load_kernels(path=STABLE_FORMS, file=None):
     return f, [prepare(spec, f) for spec in f.kernels]
 
 
-__all__ = ["shipped_files", "shipped_kernels", "prepare", "print_c", "print_numpy", "load_kernels", "C_CONFIGS",
+__all__ = ["shipped_files", "shipped_kernels", "prepare", "prepare_second", "SECOND_ROLES", "SECOND_SUFFIX", "print_c", "print_numpy", "load_kernels", "C_CONFIGS",
            "STABLE_FORMS", "DERIVATIONS_DIR"]

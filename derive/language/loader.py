@@ -727,16 +727,23 @@ def _load_instances(raw, ctx, derr, loc, d_line):
 MAX_KERNELS = 64
 #: what each target kind means, the layout that takes it, the export roles it needs and its own options
 TARGET_SPECS = {
-    "binary": {"layout": "elementwise", "exports": ("loss", "grad"), "options": ("weight", "compensated", "soft"),
+    "binary": {"layout": "elementwise", "exports": ("loss", "grad"), "second": "hess",
+               "options": ("weight", "compensated", "soft", "hess"),
                "what": "labels t in {0, 1}, elementwise over any shape"},
-    "soft": {"layout": "elementwise", "exports": ("loss", "grad"), "options": ("weight", "compensated"),
+    "soft": {"layout": "elementwise", "exports": ("loss", "grad"), "second": "hess",
+             "options": ("weight", "compensated", "hess"),
              "what": "targets t in [0, 1] (t declared with domain [0, 1]), elementwise over any shape"},
-    "class_index": {"layout": "softmax", "exports": ("loss", "coef", "target_factor"), "options": ("class_alpha",),
+    "class_index": {"layout": "softmax", "exports": ("loss", "coef", "target_factor"), "second": "dcoef",
+                    "options": ("class_alpha", "dcoef"),
                     "what": "integer class indices over the last axis of (N, K) logits, with an ignore label"},
-    "class_probs": {"layout": "softmax", "exports": ("term", "dterm"), "options": (),
+    "class_probs": {"layout": "softmax", "exports": ("term", "dterm"), "second": "d2term", "options": ("d2term",),
                     "what": "an (N, K) array of class probabilities q (q declared with domain [0, 1]); "
                             "term = l(u, q, K) per class, dterm = D(term, u)"},
 }
+#: the optional export of the second derivative each target takes (double backward): hess = d grad/dx
+#: (elementwise), dcoef = (1 - p_t) dC/du for the gradient C(u)(p_k - [k == t]) (class_index), d2term =
+#: d dterm/du (class_probs); each chain must start from the derivative of what the kernel evaluates
+SECOND_ROLES = {t: s["second"] for t, s in TARGET_SPECS.items()}
 #: what each target kind means (TARGET_SPECS[target]["what"])
 TARGETS = {t: s["what"] for t, s in TARGET_SPECS.items()}
 #: the layouts the templates know: their targets (the first is the usual one), and the export roles and options
@@ -817,6 +824,27 @@ class KernelDecl:
     def dterm(self):
         return self.exports.get("dterm")
 
+    # the second derivatives (optional; None when the file declares none): double backward
+    @property
+    def hess(self):
+        """elementwise: the export of d grad / d x (the kernel derive_<name>_hess_<dt>)."""
+        return self.exports.get("hess")
+
+    @property
+    def dcoef(self):
+        """class_index: the export of (1 - p_t) dC/du, C the gradient coefficient (derive_<name>_hvp_<dt>)."""
+        return self.exports.get("dcoef")
+
+    @property
+    def d2term(self):
+        """class_probs: the export of d dterm / du (derive_<name>_hvp_<dt>)."""
+        return self.exports.get("d2term")
+
+    @property
+    def second(self):
+        """The export of the kernel's second derivative (hess, dcoef or d2term), or None."""
+        return self.exports.get(SECOND_ROLES.get(self.target))
+
 
 def _load_kernels(raw, derivations, exports, export_from, path, loc, module=None):
     if not isinstance(raw, list):
@@ -842,7 +870,27 @@ def _load_kernels(raw, derivations, exports, export_from, path, loc, module=None
         kernels.append(_load_kernel(rk, name, by_id, exports, export_from, path, loc, k_line,
                                     module_name(path, module)))
     _check_soft(kernels, path, loc)
+    _check_second_names(kernels, path)
     return kernels
+
+
+def second_name(k) -> str | None:
+    """The name of a kernel's second-derivative function (derive_<it>_<dt>): <kernel>_hess (elementwise) or
+    <kernel>_hvp (softmax), None when it declares no second derivative."""
+    if not k.second:
+        return None
+    return f"{k.name}_{'hess' if k.layout == 'elementwise' else 'hvp'}"
+
+
+def _check_second_names(kernels, path):
+    """derive_<kernel>_hess_<dt> / _hvp_<dt> must not be another kernel's derive_<name>_<dt>."""
+    names = {k.name: k for k in kernels}
+    for k in kernels:
+        other = names.get(second_name(k))
+        if other is not None:
+            raise DerivationFileError(path, f"its second derivative's functions derive_{second_name(k)}_f32/_f64 "
+                                      f"would be those of kernel {other.name!r}: rename one", kernel=k.name,
+                                      lineno=other.lineno)
 
 
 def _check_soft(kernels, path, loc):
@@ -920,6 +968,15 @@ def _load_kernel(rk, name, by_id, exports, export_from, path, loc, k_line, modul
             raise kerr(f"{role}: the file exports no {_q(export)} (give a chain export = \"{safe_text(export)[:64]}\")",
                        role)
         roles[role] = export
+    second = spec["second"]
+    if rk.get(second) is not None:
+        export = rk[second]
+        if not isinstance(export, str):
+            raise kerr(f"{second} must be the name of an export", second)
+        if export not in exports:
+            raise kerr(f"{second}: the file exports no {_q(export)} (give a chain export = "
+                       f"\"{safe_text(export)[:64]}\")", second)
+        roles[second] = export
     dids = {export_from[e][0] for e in roles.values()}
     if len(dids) != 1:
         raise kerr(f"the exports {', '.join(map(repr, roles.values()))} come from different derivations "
@@ -951,6 +1008,8 @@ def _load_kernel(rk, name, by_id, exports, export_from, path, loc, k_line, modul
                        f"declare {unit} = \"[0, 1]\" ({unit} {got})", "target")
     if target == "class_probs":
         _check_dterm(by_id[did], roles, ctx, kerr, export_from)
+    if second in roles:
+        _check_second(by_id[did], target, roles, ctx, kerr, export_from)
     defaults = rk.get("defaults", {})
     if not isinstance(defaults, dict):
         raise kerr("defaults must be a table { param = number }", "defaults")
@@ -1017,3 +1076,71 @@ def _check_dterm(derivation, roles, ctx, kerr, export_from):
                    f"{_q(str(first), 80)}", "dterm")
 
 
+
+
+def _chain_lines(chain):
+    """The expressions of a chain's lines (an erratum's corrected line too)."""
+    out = []
+    for line in chain.lines:
+        out.append(line.expr)
+        if line.erratum is not None:
+            out.append(line.erratum.corrected)
+    return out
+
+
+def _linked(derivation, chain_id):
+    """The chain and those it continues, back to the first: a chain whose first line is another chain's last
+    line continues it (as sigmoid_focal_soft's grad_stable continues grad).  Earliest first."""
+    chains = {c.id: c for c in derivation.chains}
+    out = [chains[chain_id]]
+    while True:
+        first = out[0].lines[0].expr
+        prev = next((c for c in derivation.chains if c not in out and c.lines[-1].expr == first), None)
+        if prev is None:
+            return out
+        out.insert(0, prev)
+
+
+def _check_second(derivation, target, roles, ctx, kerr, export_from):
+    """The second derivative's chain (or the chain it continues) starts from the derivative of what the kernel
+    evaluates as its first derivative, so that the proved chain ties it to the kernel's own gradient:
+    hess: D(<a line of the grad chain>, x); d2term: D(<a line of the dterm chain>, u); dcoef: (1 - p_t)*D(<a line
+    of the coef chain>, u), or -(1 - p_t)*D(D(<a line of the loss chain>, u), u) (the coefficient is C = -dL/du)."""
+    role = SECOND_ROLES[target]
+    first_of = {r: roles[r] for r in roles}
+    chain = _linked(derivation, export_from[roles[role]][1])
+    first = chain[0].lines[0].expr
+
+    def lines_of(r):
+        return [e for c in _linked(derivation, export_from[first_of[r]][1]) for e in _chain_lines(c)]
+
+    var = "x" if target in ("binary", "soft") else "u"
+    v = ctx.names.get(var)
+    if v is None or v in ctx.definitions:
+        raise kerr(f"{role}: derivation {derivation.id!r} must declare the symbol {var}", role)
+    if role in ("hess", "d2term"):
+        of = "grad" if role == "hess" else "dterm"
+        if isinstance(first, D) and first.args[1] == v and first.args[0] in lines_of(of):
+            return
+        raise kerr(f"{role}: chain {chain[0].id!r} must start from D(<a line of the {of} chain "
+                   f"{export_from[roles[of]][1]!r}>, {var}), the derivative of the kernel's {of} in {var}; it "
+                   f"starts from {_q(str(first), 80)}", role)
+    # dcoef: a product F*D(...) with F = 1 - e^u (or its negative for the loss form)
+    ds = [a for a in sp.Mul.make_args(first) if isinstance(a, D)]
+    if len(ds) == 1 and ds[0].args[1] == v:
+        rest = first / ds[0]
+        inner = ds[0].args[0]
+        if rest.has(D):
+            ok = None
+        elif inner in lines_of("coef"):
+            ok = 1
+        elif isinstance(inner, D) and inner.args[1] == v and inner.args[0] in lines_of("loss"):
+            ok = -1
+        else:
+            ok = None
+        if ok is not None and sp.simplify(ctx.expand(rest) - ok * (1 - sp.exp(v))) == 0:
+            return
+    raise kerr(f"dcoef: chain {chain[0].id!r} must start from (1 - p_t)*D(<a line of the coef chain "
+               f"{export_from[roles['coef']][1]!r}>, u) or -(1 - p_t)*D(D(<a line of the loss chain>, u), u) "
+               f"(p_t = e^u): the derivative of the gradient coefficient, times 1 - p_t; it starts from "
+               f"{_q(str(first), 80)}", role)
