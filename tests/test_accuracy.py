@@ -208,3 +208,50 @@ def test_unknown_kernel_and_missing_file_are_errors(capsys):
         A.main(["/no/such/file.toml"])
     assert exc.value.code == 2
     assert "no such file" in capsys.readouterr().err
+
+
+CONDITIONED = [k for k in KERNELS if getattr(k, "conditioned", None)]
+
+
+@pytest.mark.skipif(not CONDITIONED, reason="no shipped kernel declares conditioned")
+@pytest.mark.parametrize("spec", CONDITIONED, ids=[k.name for k in CONDITIONED])
+def test_kappa_is_the_condition_number_of_the_reference(spec):
+    """kappa (from SymPy's derivatives and the softmax Jacobian) against central differences of
+    the reference itself in every continuous input: x (every logit), a soft t or q, the params."""
+    ref = R.reference_for(spec)
+    params = [float(spec.defaults.get(p, 0.5)) or 0.5 for p in spec.params]
+    rng = np.random.default_rng(3)
+    if spec.layout == "elementwise":
+        cases = [(np.array([v]), np.array([t])) for v, t in ((-3.0, 0.3), (0.7, 0.999), (4.0, 0.25))]
+    else:
+        cases = [(rng.uniform(-3, 3, (1, 3)), rng.dirichlet(np.ones(3), 1) if spec.target == "class_probs"
+                  else np.array([1]))]
+
+    def outputs(x, t, p):
+        loss, grad = ref.values(x, t, tuple(p))
+        return [loss[0]] + (list(grad[0]) if spec.layout != "elementwise" else [grad[0]])
+
+    for x, t in cases:
+        kl, kg = ref.kappa(x, t, tuple(params))
+        got = [float(kl[0])] + [float(v) for v in np.ravel(kg)]
+        base = outputs(x, t, params)
+        sums = [mpmath.mpf(0)] * len(base)
+        inputs = [("x", i) for i in range(x.size)] + [("p", i) for i in range(len(params))]
+        if spec.target in ("soft", "class_probs"):
+            inputs += [("t", i) for i in range(np.size(t))]
+        for kind, i in inputs:
+            arrays = {"x": x, "t": np.asarray(t, dtype=np.float64), "p": np.array(params)}
+            v = arrays[kind].ravel()[i]
+            if v == 0:
+                continue
+            h = abs(v) * 1e-7
+            up, dn = {k: a.copy() for k, a in arrays.items()}, {k: a.copy() for k, a in arrays.items()}
+            up[kind].ravel()[i] = v + h
+            dn[kind].ravel()[i] = v - h
+            step = (up[kind].ravel()[i] - dn[kind].ravel()[i])
+            fu, fd = outputs(up["x"], up["t"], up["p"]), outputs(dn["x"], dn["t"], dn["p"])
+            for j in range(len(base)):
+                sums[j] += abs(v * (fu[j] - fd[j]) / step)
+        for j, (f, s) in enumerate(zip(base, sums)):
+            want = float(s / abs(f))
+            assert got[j] == pytest.approx(want, rel=1e-4, abs=1e-9), (spec.name, x, t, j)

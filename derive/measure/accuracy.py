@@ -494,11 +494,18 @@ def main(argv=None) -> int:
     if args.points is not None:
         cfg["points"] = args.points
     t0 = time.time()
+    progress = None
+    if sys.stderr.isatty():  # a progress line on a terminal, as derive verify shows one
+        def progress(kernel, dtype, params):
+            sys.stderr.write(f"\r\x1b[Kmeasuring {kernel} {dtype} {params}"[:200])
+            sys.stderr.flush()
     try:
-        rows = measure(backends, args.quick, args.kernel, args.files, cfg)
+        rows = measure(backends, args.quick, args.kernel, args.files, cfg, progress)
     except R.ReferenceUnavailable as exc:
         print(f"derive accuracy: no reference: {exc}", file=sys.stderr)
         return 1
+    if progress:
+        sys.stderr.write("\r\x1b[K")
     table = format_table(rows)
     bad = [r for r in rows if not r.ok]
     summary = (f"{len(rows)} rows, {len(bad)} over the bounds (float32 {BOUNDS['float32']:g}, float64 "
