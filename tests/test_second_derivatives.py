@@ -327,3 +327,115 @@ def test_hvp_finite_at_saturated_logits(k, backend):
     for r in (0, 1):
         exact = exact_row_hessian(k, x[r], tq[r], params) @ v[r]
         np.testing.assert_allclose(got[r], exact, rtol=1e-8, atol=1e-300, err_msg=f"{k.name} row {r}")
+
+
+# -- the loader's checks of hess / dcoef / d2term ---------------------------------------------------
+
+_FILE = """
+[file]
+title = "scratch"
+
+[symbols]
+x = "real"
+t = "{0, 1}"
+s = "(0, oo)"
+
+[definitions]
+p_t = { expr = "1/(1 + exp(-(2*t - 1)*x))", domain = "(0, 1)" }
+
+[[derivation]]
+id = "d"
+title = "s times the cross-entropy"
+
+[[derivation.chain]]
+id = "loss"
+export = "l"
+lines = ["-s*log(p_t)", "s*softplus(-(2*t - 1)*x)"]
+
+[[derivation.chain]]
+id = "grad"
+export = "g"
+lines = ["D(-s*log(p_t), x)", "-s*(2*t - 1)*sigmoid(-(2*t - 1)*x)"]
+
+[[derivation.chain]]
+id = "hess"
+export = "h"
+lines = ["HESS_FIRST", "s*sigmoid(x)*sigmoid(-x)"]
+
+[[kernel]]
+name = "scaled"
+layout = "elementwise"
+target = "binary"
+loss = "l"
+grad = "g"
+params = ["s"]
+HESS_KEY
+"""
+
+
+def _load(first="D(D(-s*log(p_t), x), x)", key='hess = "h"'):
+    from derive.language.loader import loads
+
+    return loads(_FILE.replace("HESS_FIRST", first).replace("HESS_KEY", key), path="scratch.toml")
+
+
+def test_loader_takes_hess_from_the_gradients_derivative():
+    k = _load().kernels[0]
+    assert k.hess == k.second == "h" and k.exports["hess"] == "h"
+    # D(<any line of the grad chain>, x) ties the Hessian to the gradient the kernel evaluates
+    assert _load(first="D(-s*(2*t - 1)*sigmoid(-(2*t - 1)*x), x)").kernels[0].hess == "h"
+    assert _load(key="").kernels[0].hess is None  # optional
+
+
+@pytest.mark.parametrize("first, key, needle", [
+    ("s*sigmoid(x)*sigmoid(-x)", 'hess = "h"', "must start from D(<a line of the grad chain"),
+    ("D(-log(p_t), x)", 'hess = "h"', "must start from D(<a line of the grad chain"),
+    ("D(D(-s*log(p_t), x), s)", 'hess = "h"', "must start from D(<a line of the grad chain"),
+    ("D(D(-s*log(p_t), x), x)", 'hess = "nope"', "exports no 'nope'"),
+    ("D(D(-s*log(p_t), x), x)", 'hess = 3', "hess must be the name of an export"),
+    ("D(D(-s*log(p_t), x), x)", 'dcoef = "h"', "unknown key 'dcoef' for layout 'elementwise'"),
+])
+def test_loader_refuses_a_hess_not_tied_to_the_gradient(first, key, needle):
+    from derive.language.loader import DerivationFileError
+
+    with pytest.raises(DerivationFileError) as exc:
+        _load(first=first, key=key)
+    assert needle in str(exc.value) and "scaled" in str(exc.value), str(exc.value)
+
+
+def test_loader_refuses_a_dcoef_without_the_factor_one_minus_p():
+    import re
+
+    from derive.language.loader import DerivationFileError, loads
+
+    text = next(k.path for k in ROWWISE if k.module == "poly1").read_text(encoding="utf-8")
+    loads(text, path="poly1.toml")  # as shipped
+    bad = re.sub(r'"-\(1 - p_t\)\*D\(D\(', '"-D(D(', text, count=1)
+    assert bad != text
+    with pytest.raises(DerivationFileError) as exc:
+        loads(bad, path="poly1.toml")
+    assert "dcoef: chain 'dcoef' must start from (1 - p_t)*D(" in str(exc.value)
+    wrong_sign = re.sub(r'"-\(1 - p_t\)\*D\(D\(', '"(1 - p_t)*D(D(', text, count=1)
+    with pytest.raises(DerivationFileError):
+        loads(wrong_sign, path="poly1.toml")
+
+
+def test_a_kernel_named_like_another_kernels_second_derivative_is_refused():
+    from derive.language.loader import DerivationFileError
+
+    with pytest.raises(DerivationFileError) as exc:
+        _load(key='hess = "h"\n\n[[kernel]]\nname = "scaled_hess"\nlayout = "elementwise"\ntarget = "binary"\n'
+                  'loss = "l"\ngrad = "g"\nparams = ["s"]\n')
+    assert "derive_scaled_hess_f32" in str(exc.value)
+
+
+def test_loader_refuses_a_d2term_that_is_not_the_derivative_of_dterm():
+    from derive.language.loader import DerivationFileError, loads
+
+    text = next(k.path for k in ROWPROBS).read_text(encoding="utf-8")
+    loads(text, path="label_smoothing.toml")  # as shipped
+    bad = text.replace('"D(D(-q_s*log(p), u), u)"', '"D(-q_s*log(p), u)"', 1)
+    assert bad != text
+    with pytest.raises(DerivationFileError) as exc:
+        loads(bad, path="label_smoothing.toml")
+    assert "d2term: chain 'd2term' must start from D(<a line of the dterm chain" in str(exc.value)
