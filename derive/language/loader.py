@@ -26,7 +26,7 @@ import sympy as sp
 
 from derive.language.domains import Domain, DomainError
 from derive.language.functions import D
-from derive.language.parser import ParseError, check_name, parse_expression
+from derive.language.parser import ParseError, _is_condition, check_name, parse_expression
 
 try:  # Python 3.11+
     import tomllib
@@ -580,7 +580,7 @@ def _add_definitions(table, names, domains, definitions, latex_names, err, loc, 
             elif m and m.group(1) == name:
                 hint = " (a definition cannot refer to itself)"
             raise err(f"definition {_q(name)}: {exc}{hint}", lineno=lineno) from None
-        if isinstance(expr, sp.core.relational.Relational):
+        if _is_condition(expr):
             raise err(f"definition {_q(name)} is a comparison, not a value", lineno=lineno)
         if expr.has(D):
             raise err(f"definition {_q(name)} may not contain D(...); write the derivative in a chain",
@@ -602,7 +602,7 @@ def _parse_in(text, ctx, err, what, chain=None, line=None, lineno=None, loc=None
         expr = _parse(text, ctx.names, loc)
     except ParseError as exc:
         raise err(f"{what}: {exc}: {_q(text, 80)}", chain=chain, line=line, lineno=lineno) from None
-    if isinstance(expr, sp.core.relational.Relational):
+    if _is_condition(expr):
         raise err(f"{what} is a comparison; a chain line is a value (the '=' are implied)",
                   chain=chain, line=line, lineno=lineno)
     return expr

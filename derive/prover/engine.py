@@ -182,6 +182,12 @@ class _Invalid(Exception):
     1/0, ...)."""
 
 
+class _DomainError(_Invalid):
+    """The value is undefined by the rules of real arithmetic at this point (log of a
+    non-positive number, division by zero, 0 to a negative power, a non-integer power of a
+    negative number): a step whose other side has a real value here is refuted."""
+
+
 class _Undecided(Exception):
     """The interval enclosure at this precision is too wide to decide a branch, a sign or a
     base (a where() condition at its threshold, log of an enclosure around 0, ...)."""
@@ -196,8 +202,20 @@ _LOG10_2 = 0.30102999566398120
 
 
 def _prepare_numeric(expr):
-    """Prepare ``expr`` for evaluation with mpmath by a tree walk (no code generation)."""
-    return rewrite_elementary(expr)
+    """Prepare ``expr`` for evaluation with mpmath by a tree walk (no code generation).
+    xexpm1inv stays: it is 1 at u = 0, where its rewrite u/(e^u - 1) is 0/0."""
+    keep = {}
+
+    def hold(u):
+        d = sp.Dummy("xexpm1inv")
+        keep[d] = xexpm1inv(u)
+        return d
+
+    e = expr.replace(xexpm1inv, hold) if expr.has(xexpm1inv) else expr
+    e = rewrite_elementary(e)
+    if keep:
+        e = e.xreplace({d: xexpm1inv(_prepare_numeric(f.args[0])) for d, f in keep.items()})
+    return e
 
 
 _IV = mpmath.iv
@@ -289,12 +307,42 @@ class _Eval:
             a = w(e.args[0])
             lo, hi = _ends(a)
             if hi <= 0:
-                raise _Invalid("log of a non-positive number")
+                raise _DomainError("log of 0" if lo == hi == 0 else "log of a negative number" if hi < 0
+                                   else "log of a non-positive number")
             if lo <= 0:
                 raise _Undecided("log of an enclosure of 0")
             return _IV.log(a)
         if isinstance(e, sp.Abs):
             return abs(w(e.args[0]))
+        if isinstance(e, sp.sign):
+            lo, hi = _ends(w(e.args[0]))
+            if lo > 0:
+                return _IV.mpf(1)
+            if hi < 0:
+                return _IV.mpf(-1)
+            if lo == hi == 0:
+                return _IV.mpf(0)
+            raise _Undecided("sign of an enclosure of 0")
+        if isinstance(e, (sp.tanh, sp.sinh, sp.cosh)):
+            a = w(e.args[0])
+            if isinstance(e, sp.tanh):
+                lo, hi = _ends(a)
+                if lo == hi == 0:
+                    return _IV.mpf(0)
+                # 1 - 2/(e^(2a) + 1): one occurrence of a, so the enclosure stays tight
+                if lo >= 0:
+                    return 1 - 2 / (_IV.exp(2 * a) + 1)
+                return -(1 - 2 / (_IV.exp(-2 * a) + 1))
+            ea, eb = _IV.exp(a), _IV.exp(-a)
+            return (ea - eb) / 2 if isinstance(e, sp.sinh) else (ea + eb) / 2
+        if isinstance(e, xexpm1inv):
+            a = w(e.args[0])
+            lo, hi = _ends(a)
+            if lo == hi == 0:
+                return _IV.mpf(1)
+            if lo <= 0 <= hi:
+                raise _Undecided("xexpm1inv of an enclosure of 0")
+            return a / (_IV.exp(a) - 1)
         if isinstance(e, sp.Piecewise):
             for i, (value, cond) in enumerate(e.args):
                 t = self.truth(cond)
@@ -325,7 +373,7 @@ class _Eval:
             n = int(e.exp)
             if lo == 0 and hi == 0:
                 if n < 0:
-                    raise _Invalid("division by zero")
+                    raise _DomainError("division by zero")
                 return _IV.mpf(1) if n == 0 else _IV.mpf(0)
             if n < 0 and lo <= 0 <= hi:
                 raise _Undecided("division by an enclosure of 0")
@@ -339,13 +387,13 @@ class _Eval:
             raise _Undecided("a large power of an enclosure of 0")
         x = self.walk(e.exp)
         if hi < 0:
-            raise _Invalid("negative base to a non-integer power")
+            raise _DomainError("a non-integer power of a negative number")
         if lo == 0 and hi == 0:
             xl, xh = _ends(x)
             if xl > 0:
                 return _IV.mpf(0)
             if xh < 0:
-                raise _Invalid("0 to a negative power")
+                raise _DomainError("0 to a negative power")
             if xl == 0 and xh == 0:
                 return _IV.mpf(1)
             raise _Undecided("0 to a power of unknown sign")
@@ -445,8 +493,9 @@ def _show_pair(a, b, dps):
 
 @dataclass
 class PointResult:
-    kind: str  # "agree", "differ", "invalid", "undecided"
+    kind: str  # "agree", "differ", "invalid", "undecided", "domain" (one side undefined, the other real)
     reason: str = ""
+    side: str = ""  # "domain": the undefined side, "left" or "right"
     lhs: object = None
     rhs: object = None
     dps: int = DPS
@@ -479,17 +528,32 @@ def compare_at(pl, pr, point, dps=DPS, max_dps=MAX_DPS) -> PointResult:
     P = dps
     reason = ""
     while True:
-        try:
-            L, el = _ieval(pl, point, P)
-            R, er = _ieval(pr, point, P)
-        except _Invalid as exc:
-            return PointResult("invalid", str(exc), dps=P)
-        except _Undecided as exc:
-            reason = str(exc)
+        sides = []
+        for prep in (pl, pr):
+            try:
+                sides.append(_ieval(prep, point, P))
+            except _Invalid as exc:
+                sides.append(exc)
+            except _Undecided as exc:
+                sides.append(exc)
+        bad = [x for x in sides if isinstance(x, Exception)]
+        if bad:
+            dom = [isinstance(x, _DomainError) for x in sides]
+            und = [isinstance(x, _Undecided) for x in sides]
+            if dom[0] != dom[1] and not any(und):
+                # a domain error on one side only, a real value on the other: refuted at this point
+                k = 0 if dom[0] else 1
+                return PointResult("domain", str(sides[k]), side=("left", "right")[k], dps=P,
+                                   lhs=None if k == 0 else sides[0][0], rhs=None if k == 1 else sides[1][0])
+            inval = [x for x in bad if isinstance(x, _Invalid)]
+            if inval and not (any(dom) and any(und)):
+                return PointResult("invalid", str(inval[0]), dps=P)
+            reason = str(next(x for x in bad if isinstance(x, _Undecided)))
             if P >= max_dps:
                 return PointResult("undecided", reason, dps=P)
             P = min(max_dps, 2 * P)
             continue
+        (L, el), (R, er) = sides
         ll, lh = _ends(L)
         rl, rh = _ends(R)
         if lh < rl or rh < ll:
@@ -669,6 +733,15 @@ class Scan:
         return f"{self.n_dropped} of {self.total} sample points dropped ({parts})"
 
 
+def _refuted(scan, t0, tried=None) -> Verdict:
+    cex = scan.cex
+    if "reason" in cex:  # a domain error: one side undefined where the other has a real value
+        method = f"domain error: {cex['reason']} (mpmath, {scan.dps} and {2 * scan.dps} digits)"
+    else:
+        method = f"counterexample (mpmath, {scan.dps} and {2 * scan.dps} digits)"
+    return Verdict(REFUTED, method, cex, time.monotonic() - t0, tried=tried or [])
+
+
 class Prover:
     """Checks steps for one derivation context."""
 
@@ -836,6 +909,25 @@ class Prover:
             scan.total += 1
             try:
                 res = compare_at(pl, pr, pt, dps)
+                if res.kind == "domain":
+                    res2 = compare_at(pl, pr, pt, min(MAX_DPS * 2, 2 * res.dps), max_dps=min(MAX_DPS * 2, 2 * res.dps))
+                    if res2.kind == "domain" and res2.side == res.side:
+                        scan.dps = res.dps
+                        other = res.rhs if res.side == "left" else res.lhs
+                        with mpmath.workdps(20):
+                            shown = mpmath.nstr(_mid(other), 12)
+                        undefined = f"undefined ({res.reason})"
+                        point = {s.name: str(v) for s, v in sorted(pt.items(), key=lambda kv: kv[0].name)
+                                 if s in used}
+                        scan.cex = {
+                            "point": point,
+                            "lhs": undefined if res.side == "left" else shown,
+                            "rhs": undefined if res.side == "right" else shown,
+                            "reason": f"{res.side} side undefined at "
+                                      + ", ".join(f"{k} = {v}" for k, v in point.items()) + f": {res.reason}",
+                        }
+                        return scan
+                    res = res2 if res2.kind != "domain" else res
                 if res.kind == "differ":
                     scan.dps = res.dps
                     P2 = min(MAX_DPS * 2, 2 * res.dps)
@@ -1012,8 +1104,7 @@ class Prover:
         except (RecursionError, MemoryError, OverflowError):
             scan = None
         if scan is not None and scan.cex is not None:
-            return Verdict(REFUTED, f"counterexample (mpmath, {scan.dps} and {2 * scan.dps} digits)", scan.cex,
-                           time.monotonic() - t0)
+            return _refuted(scan, t0)
         # 2. symbolic strategies
         tried = []
         for name, fn in self._strategies(L - R, Lf - Rf):
@@ -1073,8 +1164,7 @@ class Prover:
             return Verdict(UNPROVED, method, seconds=time.monotonic() - t0, tried=tried,
                            detail=f"numeric confirmation: {detail}; " + "; ".join(tried))
         if cex is not None:
-            return Verdict(REFUTED, f"counterexample (mpmath, {scan.dps} and {2 * scan.dps} digits)", cex,
-                           time.monotonic() - t0, tried=tried)
+            return _refuted(scan, t0, tried)
         drops = scan.describe_drops()
         if any(t.endswith("time limit") for t in tried):
             return Verdict(UNPROVED, "time limit", seconds=time.monotonic() - t0, tried=tried,
