@@ -159,6 +159,9 @@ class Resolver:
             else:
                 continue
             total += sp.diff(f, s) * ds
+        if total.has(sp.DiracDelta, sp.Heaviside):
+            # d sign(v)/dv = 0 wherever it exists; SymPy writes 2*DiracDelta(v)
+            total = total.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.S.Zero)
         return total
 
     def symbol_derivative(self, s, v):
@@ -692,6 +695,42 @@ def _fail_reason(exc) -> tuple[str, str]:
     return "internal error", f"{type(exc).__name__}: {exc}"[:200]
 
 
+def _unbounded(dom) -> bool:
+    """The whole real line (or the reals without 0): a symbol a case split may solve for."""
+    return dom is None or (not dom.is_finite and not dom.integer and dom.lo is None and dom.hi is None)
+
+
+def _hyperbolic_to_exp(e):
+    if e.has(sp.tanh, sp.sinh, sp.cosh):
+        return e.rewrite(sp.exp)
+    return e
+
+
+#: the most nested splits of where()/abs/sign conditions one case goes through
+MAX_SPLIT_DEPTH = 6
+
+
+def _undecided(rel):
+    return not isinstance(rel, bool) and rel not in (sp.true, sp.false)
+
+
+def _split_targets(expr):
+    """Expressions whose sign decides a branch: lhs - rhs of each relation of a where()
+    condition, the argument of each abs and sign; plus the undecided conditions themselves."""
+    targets, conds = [], []
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Piecewise):
+            for _, cond in node.args:
+                if _undecided(cond):
+                    conds.append(cond)
+                    for r in sp.preorder_traversal(cond):
+                        if isinstance(r, sp.core.relational.Relational):
+                            targets.append(r.lhs - r.rhs)
+        elif isinstance(node, (sp.Abs, sp.sign)):
+            targets.append(node.args[0])
+    return targets, conds
+
+
 def _non_finite(expr) -> bool:
     return isinstance(expr, sp.Basic) and (expr.has(sp.nan, sp.zoo, sp.oo, sp.S.NegativeInfinity))
 
@@ -746,8 +785,9 @@ class Prover:
     """Checks steps for one derivation context."""
 
     def __init__(self, ctx, seed: int = DEFAULT_SEED, step_timeout: float = 4.0, deadline: float | None = None,
-                 instances=None, instance_symbols=None, strategies=None):
+                 instances=None, instance_symbols=None, strategies=None, assumptions=None):
         self.ctx = ctx
+        self.assumptions = list(assumptions or [])  # conditions relating symbols (assume = [...])
         self.strategies = strategies  # None: all; else a collection of keys of STRATEGIES
         self.seed = seed
         self.step_timeout = step_timeout
@@ -831,7 +871,7 @@ class Prover:
             pts, bases, finite = self._build_points(key)
             if key > SCREEN_POINTS and pts:
                 pts = pts + self._scale_points(pts, bases, finite)
-            self._points[key] = pts
+            self._points[key] = self.satisfying(pts)
         pts = self._points[key]
         return pts[:count] if count <= SCREEN_POINTS else pts
 
@@ -848,6 +888,16 @@ class Prover:
                             rels.extend(c for c in sp.preorder_traversal(cond)
                                         if isinstance(c, sp.core.relational.Relational))
                 elif isinstance(node, sp.Abs):
+                    rels.append(node.args[0])
+        # where a side may be undefined: a denominator, a log's argument, the base of a
+        # non-integer power (x/x at x = 0, log(s) at s <= 0): both sides of each root
+        for expr in exprs:
+            for node in sp.preorder_traversal(expr):
+                if node.is_Pow and (node.exp.is_negative or not node.exp.is_Integer) and node.base.free_symbols:
+                    rels.append(node.base)
+                elif isinstance(node, sp.log) and node.args[0].free_symbols:
+                    rels.append(node.args[0])
+                elif isinstance(node, sp.sign):
                     rels.append(node.args[0])
         out, seen = [], set()
         for rel in sorted(set(rels), key=sp.default_sort_key):
@@ -877,10 +927,104 @@ class Prover:
                         seen.add((s, v, id(base)))
                         pt = dict(base)
                         pt[s] = v
+                        if self.assumptions and not self._holds(pt):
+                            continue
                         out.append(pt)
                         if len(out) >= MAX_THRESHOLD_POINTS:
                             return out
         return out
+
+    # -- assumptions (assume = ["sigma > s"]) --------------------------------------------
+    def _assumed(self):
+        """The assumptions with definitions expanded, ready for the evaluator (cached)."""
+        key = tuple(self.assumptions)
+        hit = getattr(self, "_assumed_cache", None)
+        if hit is None or hit[0] != key:
+            conds = [_prepare_numeric(self.ctx.expand(c)) for c in self.assumptions]
+            hit = (key, conds)
+            self._assumed_cache = hit
+        return hit[1]
+
+    def _holds(self, pt) -> bool:
+        conds = self._assumed()
+        if not conds:
+            return True
+        try:
+            exact = {s: sp.Rational(v) for s, v in pt.items()}
+            old = _IV.prec
+            try:
+                _IV.dps = DPS
+                ev = _Eval({s: _iv_rational(v) for s, v in exact.items()}, exact)
+                return all(ev.truth(c) is True for c in conds)
+            finally:
+                _IV.prec = old
+        except (_Invalid, _Undecided, ArithmeticError, ValueError, TypeError):
+            return False
+
+    def satisfying(self, pts):
+        """The points that satisfy every assumption: each point that does not is moved along
+        a symbol in which the assumption is linear (sigma > s: s = sigma - 1/2, ...) to one
+        that does, or dropped."""
+        if not self.assumptions:
+            return pts
+        conds = self._assumed()
+        out = []
+        for k, pt in enumerate(pts):
+            q = dict(pt)
+            for _ in range(2):
+                if self._holds(q):
+                    break
+                for c in conds:
+                    for rel in (c.args if isinstance(c, sp.And) else (c,)):
+                        if isinstance(rel, sp.core.relational.Relational):
+                            q = self._repair(q, rel, k)
+            if self._holds(q):
+                out.append(q)
+        return out
+
+    _OFFSETS = (sp.Rational(1, 2), sp.Integer(1), sp.Integer(3), sp.Rational(1, 10**6), sp.Rational(7, 3),
+                sp.Integer(10), sp.Rational(1, 10), sp.Integer(1000))
+
+    def _repair(self, pt, rel, k):
+        try:
+            exact = {s: sp.Rational(v) for s, v in pt.items()}
+            if rel.xreplace(exact) in (sp.true, True):
+                return pt
+        except Exception:
+            pass
+        d = rel.lhs - rel.rhs
+        cands = sorted((s for s in d.free_symbols if s in pt and not self.base_domain(s).is_finite),
+                       key=lambda s: (not _unbounded(self.base_domain(s)), s.name))
+        for v in cands:
+            rest = {s: sp.Rational(x) for s, x in pt.items() if s != v}
+            try:
+                poly = sp.Poly(d.xreplace(rest), v)
+            except Exception:
+                continue
+            if poly.degree() != 1:
+                continue
+            a, b = poly.all_coeffs()
+            if not (a.is_Rational and b.is_Rational) or a == 0:
+                continue
+            if isinstance(rel, (sp.Eq,)):
+                targets = [sp.S.Zero]
+            elif isinstance(rel, (sp.StrictGreaterThan, sp.Ne)):
+                targets = list(self._OFFSETS)
+            elif isinstance(rel, sp.GreaterThan):
+                targets = [sp.S.Zero] + list(self._OFFSETS) if k % 4 == 0 else list(self._OFFSETS)
+            elif isinstance(rel, sp.StrictLessThan):
+                targets = [-o for o in self._OFFSETS]
+            else:
+                targets = [sp.S.Zero] + [-o for o in self._OFFSETS] if k % 4 == 0 else [-o for o in self._OFFSETS]
+            n = len(targets)
+            for j in range(n):
+                t = targets[(k + j) % n] if len(targets) > 1 else targets[0]
+                val = (t - b) / a
+                if self.base_domain(v).contains(val):
+                    q = dict(pt)
+                    q[v] = val
+                    return q
+        return pt
 
     def instance_points(self, name, count):
         """Points for a concrete instance (K = 3 classes...): the moderate points only, the
@@ -894,7 +1038,7 @@ class Prover:
             for s, dom in extra.items():
                 q[s] = dom.samples(rng, 8)[rng.randrange(8)]
             out.append(q)
-        return out
+        return self.satisfying(out)
 
     # -- numeric -----------------------------------------------------------------------------
     def numeric_scan(self, lhs_full, rhs_full, points, dps=DPS) -> Scan:
@@ -973,7 +1117,8 @@ class Prover:
         signs = []
         for s in signed:
             pos = sp.Symbol(f"{s.name}__pos", positive=True)
-            signs.append((pos, -pos, sp.S.Zero))
+            dom = self.domain_of(s)
+            signs.append((pos, -pos) if dom is not None and dom.nonzero else (pos, -pos, sp.S.Zero))
         for vals in itertools.product(*[self.domain_of(s).values for s in finite]):
             case = dict(zip(finite, vals))
             for svals in itertools.product(*signs):
@@ -995,6 +1140,112 @@ class Prover:
             if s.is_real and (dom is None or (not dom.is_finite and dom.lo is None and dom.hi is None)):
                 out.append(s)
         return out if len(out) <= limit else []
+
+    def _solvable(self, t, atoms_ok):
+        """(v, a, r) with t = a*v + r, a a nonzero rational and v a symbol over the whole real
+        line (a base symbol, or a defined symbol used as an atom without a proved domain), or
+        None."""
+        best = None
+        for v in sorted(t.free_symbols, key=lambda s: s.name):
+            if isinstance(v, sp.Dummy) or not isinstance(v, sp.Symbol):
+                continue
+            if v in self.ctx.definitions and not atoms_ok:
+                continue
+            dom = self.domain_of(v)
+            if not _unbounded(dom):
+                continue
+            try:
+                poly = sp.Poly(t, v)
+            except Exception:
+                continue
+            if poly.degree() != 1:
+                continue
+            a, r = poly.all_coeffs()
+            if a.is_Rational and a != 0 and not r.has(v):
+                best = (v, a, r)
+                break
+        return best
+
+    def _apply_assumptions(self, expr, atoms_ok):
+        """Substitute each assumption a > b (>=, <, <=, ==) into ``expr`` as a = b + d with a
+        fresh d > 0 (>= 0, ...), solving for a symbol in which a - b is linear: the cases are
+        then only those the assumption allows."""
+        conds = [c if atoms_ok else self.ctx.expand(c) for c in self.assumptions]
+        rels = []
+        for c in conds:
+            rels.extend(c.args if isinstance(c, sp.And) else (c,))
+        for k, rel in enumerate(rels):
+            if not isinstance(rel, sp.core.relational.Relational) or isinstance(rel, sp.Ne):
+                continue
+            t = rel.lhs - rel.rhs
+            sol = self._solvable(t, atoms_ok)
+            if sol is None:
+                continue
+            v, a, r = sol
+            if isinstance(rel, sp.Eq):
+                target = sp.S.Zero
+            else:
+                strict = isinstance(rel, (sp.StrictGreaterThan, sp.StrictLessThan))
+                d = sp.Dummy("d", positive=True) if strict else sp.Dummy("d", nonnegative=True)
+                target = d if isinstance(rel, (sp.StrictGreaterThan, sp.GreaterThan)) else -d
+            sub = {v: (target - r) / a}
+            expr = expr.xreplace(sub)
+            rels = [x.xreplace(sub) if isinstance(x, sp.Basic) else x for x in rels]
+        return expr
+
+    def _split(self, expr, atoms_ok, prepare=None):
+        """The cases of ``expr`` one after another (a generator): the assumptions made
+        explicit, the finite labels and the signs of symbols under abs or in a where()
+        condition (:meth:`_case_values`), the interval symbols parametrised, and then every
+        abs, sign or where() condition that is still undecided split by :meth:`_refine`.
+        Raises TooManyCases beyond MAX_CASES."""
+        if self.assumptions:
+            expr = self._apply_assumptions(expr, atoms_ok)
+        count = [0]
+        for case in self._case_values(expr.free_symbols, expr):
+            e = expr.xreplace(case)
+            if prepare is not None:
+                e = prepare(e)
+            e = e.xreplace(self._param_subs(e.free_symbols, atoms_ok))
+            yield from self._refine(e, atoms_ok, 0, count)
+
+    def _refine(self, e, atoms_ok, depth, count):
+        """Split the first undecided abs/sign/where() of ``e``: solved for a symbol over the
+        reals (t = a*v + r: v = (c - r)/a for c = d, -d, 0 with d > 0), else, for a condition,
+        one case where it holds and one where it does not (sound: each case is an identity on
+        all values), for abs(t) the cases t and -t, for sign(t) the values 1, -1, 0."""
+        targets, conds = _split_targets(e) if depth < MAX_SPLIT_DEPTH else ([], [])
+        for t in sorted(set(targets), key=sp.default_sort_key):
+            if t.is_positive is not None or t.is_zero is not None or t.is_negative is not None:
+                if t.is_positive or t.is_negative or t.is_zero:
+                    continue
+            sol = self._solvable(t, atoms_ok)
+            if sol is None:
+                continue
+            v, a, r = sol
+            pos = sp.Dummy(f"{v.name}_split", positive=True)
+            dom = self.domain_of(v)
+            zero_ok = not (dom is not None and dom.nonzero and r == 0)
+            for c in (pos, -pos, sp.S.Zero) if zero_ok else (pos, -pos):
+                yield from self._refine(e.xreplace({v: (c - r) / a}), atoms_ok, depth + 1, count)
+            return
+        if conds:
+            cond = sorted(set(conds), key=sp.default_sort_key)[0]
+            for value in (sp.true, sp.false):
+                yield from self._refine(e.xreplace({cond: value}), atoms_ok, depth + 1, count)
+            return
+        for node in sorted((n for n in e.atoms(sp.Abs, sp.sign)
+                            if not (n.args[0].is_positive or n.args[0].is_negative or n.args[0].is_zero)),
+                           key=sp.default_sort_key)[:1] if depth < MAX_SPLIT_DEPTH else []:
+            t = node.args[0]
+            vals = (t, -t) if isinstance(node, sp.Abs) else (sp.S.One, -sp.S.One, sp.S.Zero)
+            for val in vals:
+                yield from self._refine(e.xreplace({node: val}), atoms_ok, depth + 1, count)
+            return
+        count[0] += 1
+        if count[0] > MAX_CASES:
+            raise TooManyCases(f"more than {MAX_CASES} cases")
+        yield e
 
     def _param_subs(self, syms, atoms_ok=True):
         subs = {}
@@ -1021,20 +1272,13 @@ class Prover:
             return _is_zero(sp.expand(d_atoms)) or _is_zero(d_atoms)
 
         def atoms():
-            syms = d_atoms.free_symbols
-            for case in self._case_values(syms, d_atoms):
-                e = d_atoms.xreplace(case)
-                e = e.xreplace(self._param_subs(e.free_symbols))
+            for e in self._split(d_atoms, True):
                 if not _is_zero(normalise(e)):
                     return False
             return True
 
         def expanded():
-            syms = d_full.free_symbols
-            for case in self._case_values(syms, d_full):
-                e = d_full.xreplace(case)
-                e = rewrite_elementary(e)
-                e = e.xreplace(self._param_subs(e.free_symbols, atoms_ok=False))
+            for e in self._split(d_full, False, lambda x: _hyperbolic_to_exp(rewrite_elementary(x))):
                 reals = [s for s in e.free_symbols if isinstance(s, sp.Symbol) and not isinstance(s, sp.Dummy)
                          and s.is_real]
                 e, log_subs = _exp_to_rational(e, reals)
@@ -1043,9 +1287,7 @@ class Prover:
             return True
 
         def simplified():
-            for case in self._case_values(d_full.free_symbols, d_full):
-                e = rewrite_elementary(d_full.xreplace(case))
-                e = e.xreplace(self._param_subs(e.free_symbols, atoms_ok=False))
+            for e in self._split(d_full, False, rewrite_elementary):
                 if sp.simplify(e) != 0:
                     return False
             return True
