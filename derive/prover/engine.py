@@ -373,7 +373,30 @@ class _Eval:
         b = self.walk(e.base)
         lo, hi = _ends(b)
         if e.exp.is_Integer:
-            n = int(e.exp)
+            return self._int_pow(b, lo, hi, int(e.exp))
+        x = self.walk(e.exp)
+        xl, xh = _ends(x)
+        if xl == xh and mpmath.isint(xl) and (hi <= 0 or lo <= 0):
+            # an exponent that is an integer at this point ((-1)^(2g) at g = 1)
+            return self._int_pow(b, lo, hi, int(xl))
+        if hi < 0:
+            if mpmath.floor(xl) != mpmath.floor(xh) or mpmath.isint(xl) or mpmath.isint(xh):
+                raise _Undecided("a negative number to an exponent that may be an integer")
+            raise _DomainError("a non-integer power of a negative number")
+        if lo == 0 and hi == 0:
+            if xl > 0:
+                return _IV.mpf(0)
+            if xh < 0:
+                raise _DomainError("0 to a negative power")
+            if xl == 0 and xh == 0:
+                return _IV.mpf(1)
+            raise _Undecided("0 to a power of unknown sign")
+        if lo <= 0:
+            raise _Undecided("a power of an enclosure of 0")
+        return _IV.exp(x * _IV.log(b))
+
+    def _int_pow(self, b, lo, hi, n):
+        if True:
             if lo == 0 and hi == 0:
                 if n < 0:
                     raise _DomainError("division by zero")
@@ -388,21 +411,6 @@ class _Eval:
                 r = _IV.exp(n * _IV.log(-b))
                 return r if n % 2 == 0 else -r
             raise _Undecided("a large power of an enclosure of 0")
-        x = self.walk(e.exp)
-        if hi < 0:
-            raise _DomainError("a non-integer power of a negative number")
-        if lo == 0 and hi == 0:
-            xl, xh = _ends(x)
-            if xl > 0:
-                return _IV.mpf(0)
-            if xh < 0:
-                raise _DomainError("0 to a negative power")
-            if xl == 0 and xh == 0:
-                return _IV.mpf(1)
-            raise _Undecided("0 to a power of unknown sign")
-        if lo <= 0:
-            raise _Undecided("a power of an enclosure of 0")
-        return _IV.exp(x * _IV.log(b))
 
     def truth(self, cond):
         """True, False, or None when the enclosures do not decide the condition."""
