@@ -739,6 +739,35 @@ def _split_targets(expr):
     return targets, conds
 
 
+def _decide_relation(rel):
+    """sp.true / sp.false when the sign of lhs - rhs, factored, is known from the symbols'
+    assumptions; else None."""
+    try:
+        t = sp.factor(sp.cancel(sp.together(rel.lhs - rel.rhs)))
+    except Exception:
+        return None
+    pos, neg, zero = t.is_positive, t.is_negative, t.is_zero
+    nonneg, nonpos = t.is_nonnegative, t.is_nonpositive
+    if isinstance(rel, sp.Eq) or isinstance(rel, sp.Ne):
+        truth = True if zero else (False if (pos or neg) else None)
+        if truth is None:
+            return None
+        truth = truth if isinstance(rel, sp.Eq) else not truth
+    elif isinstance(rel, sp.StrictGreaterThan):
+        truth = True if pos else (False if nonpos else None)
+    elif isinstance(rel, sp.GreaterThan):
+        truth = True if nonneg else (False if neg else None)
+    elif isinstance(rel, sp.StrictLessThan):
+        truth = True if neg else (False if nonneg else None)
+    elif isinstance(rel, sp.LessThan):
+        truth = True if nonpos else (False if pos else None)
+    else:
+        return None
+    if truth is None:
+        return None
+    return sp.true if truth else sp.false
+
+
 def _non_finite(expr) -> bool:
     return isinstance(expr, sp.Basic) and (expr.has(sp.nan, sp.zoo, sp.oo, sp.S.NegativeInfinity))
 
@@ -1145,23 +1174,29 @@ class Prover:
         out = []
         for s in sorted(found, key=lambda s: s.name):
             dom = self.domain_of(s)
+            if isinstance(s, sp.Dummy) or s.is_nonnegative is not None or s.is_nonpositive is not None:
+                continue  # a sign already known (d > 0 of an assumption)
             if s.is_real and (dom is None or (not dom.is_finite and dom.lo is None and dom.hi is None)):
                 out.append(s)
         return out if len(out) <= limit else []
 
-    def _solvable(self, t, atoms_ok):
+    def _solvable(self, t, atoms_ok, fallback=False):
         """(v, a, r) with t = a*v + r, a a nonzero rational and v a symbol over the whole real
         line (a base symbol, or a defined symbol used as an atom without a proved domain), or
         None."""
         best = None
-        for v in sorted(t.free_symbols, key=lambda s: s.name):
-            if isinstance(v, sp.Dummy) or not isinstance(v, sp.Symbol):
+        order = sorted(t.free_symbols, key=lambda s: (isinstance(s, sp.Dummy), s.name))
+        if fallback:  # any symbol: the substitution still covers every point (a superset)
+            order = sorted(t.free_symbols, key=lambda s: (not (not isinstance(s, sp.Dummy) and _unbounded(
+                self.domain_of(s))), not isinstance(s, sp.Dummy), s.name))
+        for v in order:
+            if not isinstance(v, sp.Symbol):
                 continue
             if v in self.ctx.definitions and not atoms_ok:
                 continue
-            dom = self.domain_of(v)
-            if not _unbounded(dom):
-                continue
+            if not fallback:
+                if isinstance(v, sp.Dummy) or not _unbounded(self.domain_of(v)):
+                    continue
             try:
                 poly = sp.Poly(t, v)
             except Exception:
@@ -1169,24 +1204,30 @@ class Prover:
             if poly.degree() != 1:
                 continue
             a, r = poly.all_coeffs()
-            if a.is_Rational and a != 0 and not r.has(v):
+            # a nonzero for every value of the other symbols: v <-> t is one to one
+            if (a.is_Rational and a != 0 or a.is_positive or a.is_negative) and not a.has(v) and not r.has(v):
                 best = (v, a, r)
                 break
         return best
 
-    def _apply_assumptions(self, expr, atoms_ok):
+    def _apply_assumptions(self, expr, atoms_ok, case=None):
         """Substitute each assumption a > b (>=, <, <=, ==) into ``expr`` as a = b + d with a
         fresh d > 0 (>= 0, ...), solving for a symbol in which a - b is linear: the cases are
         then only those the assumption allows."""
         conds = [c if atoms_ok else self.ctx.expand(c) for c in self.assumptions]
+        if case:
+            conds = [c.xreplace(case) for c in conds]
+            if any(c is sp.false for c in conds):
+                return None  # no point of this case satisfies the assumptions
         rels = []
         for c in conds:
             rels.extend(c.args if isinstance(c, sp.And) else (c,))
-        for k, rel in enumerate(rels):
+        for k in range(len(rels)):
+            rel = rels[k]  # with the substitutions of the assumptions before it
             if not isinstance(rel, sp.core.relational.Relational) or isinstance(rel, sp.Ne):
                 continue
             t = rel.lhs - rel.rhs
-            sol = self._solvable(t, atoms_ok)
+            sol = self._solvable(t, atoms_ok, fallback=True)
             if sol is None:
                 continue
             v, a, r = sol
@@ -1207,15 +1248,19 @@ class Prover:
         condition (:meth:`_case_values`), the interval symbols parametrised, and then every
         abs, sign or where() condition that is still undecided split by :meth:`_refine`.
         Raises TooManyCases beyond MAX_CASES."""
-        if self.assumptions:
-            expr = self._apply_assumptions(expr, atoms_ok)
         count = [0]
-        for case in self._case_values(expr.free_symbols, expr):
-            e = expr.xreplace(case)
-            if prepare is not None:
-                e = prepare(e)
-            e = e.xreplace(self._param_subs(e.free_symbols, atoms_ok))
-            yield from self._refine(e, atoms_ok, 0, count)
+        for fcase in self._case_values(expr.free_symbols):  # the finite labels
+            e0 = expr.xreplace(fcase)
+            if self.assumptions:
+                e0 = self._apply_assumptions(e0, atoms_ok, fcase)
+                if e0 is None:
+                    continue
+            for case in self._case_values(set(), e0):  # the signs
+                e = e0.xreplace(case)
+                if prepare is not None:
+                    e = prepare(e)
+                e = e.xreplace(self._param_subs(e.free_symbols, atoms_ok))
+                yield from self._refine(e, atoms_ok, 0, count)
 
     def _refine(self, e, atoms_ok, depth, count):
         """Split the first undecided abs/sign/where() of ``e``: solved for a symbol over the
@@ -1223,6 +1268,16 @@ class Prover:
         one case where it holds and one where it does not (sound: each case is an identity on
         all values), for abs(t) the cases t and -t, for sign(t) the values 1, -1, 0."""
         targets, conds = _split_targets(e) if depth < MAX_SPLIT_DEPTH else ([], [])
+        decided = {}
+        for cond in set(conds):  # a condition whose factored difference has a known sign
+            for rel in sp.preorder_traversal(cond):
+                if isinstance(rel, sp.core.relational.Relational) and rel not in decided:
+                    value = _decide_relation(rel)
+                    if value is not None:
+                        decided[rel] = value
+        if decided:
+            yield from self._refine(e.xreplace(decided), atoms_ok, depth, count)
+            return
         for t in sorted(set(targets), key=sp.default_sort_key):
             if t.is_positive is not None or t.is_zero is not None or t.is_negative is not None:
                 if t.is_positive or t.is_negative or t.is_zero:
