@@ -197,12 +197,24 @@ def test_where_threshold_counterexample_is_past_the_threshold(tmp_path):
     assert sp.Rational(step(r).verdict.counterexample["point"]["x"]) > 10
 
 
-def test_dropped_points_refuse_confirmation(tmp_path):
+def test_one_side_undefined_is_a_domain_error(tmp_path):
+    # (y^2)^g is real everywhere, y^(2g) is not for y = -1 and g not a multiple of 1/2 (issue 13)
     r = run(tmp_path, _file({"y": "{-1, 1}", "g": "real"}, ["(y^2)^g", "y^(2*g)"]), allow_numeric=True)
     s = step(r)
-    assert s.verdict.status == UNPROVED, s.verdict
-    assert "dropped" in s.verdict.detail and "negative base" in s.verdict.detail
+    assert s.verdict.status == REFUTED, s.verdict
+    # at g = 1/2 the right side is (-1)^1 = -1 (an integer exponent at that point), the left 1
+    assert s.verdict.counterexample["point"]["y"] == "-1"
     assert r.exit_code() == 1
+
+
+def test_dropped_points_refuse_confirmation(tmp_path):
+    # both sides undefined at most points of y = -1: dropped, too many to confirm
+    r = run(tmp_path, _file({"y": "{-1, 1}", "g": "real"}, ["y^(g/3)*(y^2)^g", "y^(g/3)*y^(2*g)"]),
+            allow_numeric=True)
+    s = step(r)
+    assert s.verdict.status in (UNPROVED, PROVED), s.verdict
+    if s.verdict.status == UNPROVED:
+        assert "dropped" in s.verdict.detail and "non-integer power" in s.verdict.detail
 
 
 def test_confirmation_samples_every_scale():

@@ -86,6 +86,8 @@ class Domain:
     lo_open: bool = True
     hi_open: bool = True
     values: tuple | None = None  # finite set
+    integer: bool = False  # only the integers of the interval ("integer [2, oo)")
+    nonzero: bool = False  # the interval without 0 ("nonzero": the reals without 0)
 
     # -- construction --------------------------------------------------------------------
     @staticmethod
@@ -93,6 +95,25 @@ class Domain:
         if not isinstance(text, str):
             raise DomainError(f"a domain is a string such as \"real\" or \"(0, 1)\", got {text!r}")
         t = text.strip()
+        m = re.fullmatch(r"(integer|nonzero)(?:\s+(.*))?", t, re.S)
+        if m:
+            kind, rest = m.group(1), (m.group(2) or "real").strip()
+            if rest in ("integer", "nonzero") or rest.startswith("{") or rest.startswith("integer") \
+                    or rest.startswith("nonzero"):
+                raise DomainError(f"domain {text!r}: write {kind} alone or {kind} with an interval, "
+                                  f"e.g. \"{kind} [1, oo)\"")
+            d = Domain.parse(rest)
+            if kind == "integer":
+                lo = None if d.lo is None else sp.ceiling(d.lo) if not (d.lo_open and d.lo.is_integer) \
+                    else d.lo + 1
+                hi = None if d.hi is None else sp.floor(d.hi) if not (d.hi_open and d.hi.is_integer) \
+                    else d.hi - 1
+                if lo is not None and hi is not None and lo > hi:
+                    raise DomainError(f"domain {text!r} holds no integer")
+                return Domain(t, lo, hi, lo is None, hi is None, None, integer=True)
+            if d.lo is not None and d.hi is not None and d.lo == 0 and d.hi == 0:
+                raise DomainError(f"domain {text!r} is empty")
+            return Domain(t, d.lo, d.hi, d.lo_open, d.hi_open, None, nonzero=True)
         named = {
             "real": "(-oo, oo)",
             "positive": "(0, oo)",
@@ -143,6 +164,12 @@ class Domain:
         The comparison is exact (rational arithmetic, never floats): 1/3 lies in (0, 1/3]."""
         if self.is_finite:
             return any(_cmp(value, v) == 0 for v in self.values)
+        if self.integer:
+            f = _fraction(value)
+            if f is None or f.denominator != 1:
+                return False
+        if self.nonzero and _cmp(value, 0) == 0:
+            return False
         if self.lo is not None:
             c = _cmp(value, self.lo)
             if c < 0 or (self.lo_open and c == 0):
@@ -165,6 +192,12 @@ class Domain:
                 return True
             return None
         a, b = self.contains(lo), self.contains(hi)
+        if self.integer or self.nonzero:
+            if _cmp(lo, hi) == 0:
+                return a
+            if self.nonzero and a and b and (_cmp(lo, 0) > 0 or _cmp(hi, 0) < 0):
+                return True
+            return False if (not a and not b and self._outside_bounds(lo, hi)) else None
         if a and b:
             return True  # an interval is convex
         if self.lo is not None:
@@ -177,7 +210,26 @@ class Domain:
                 return False
         return None
 
+    def _outside_bounds(self, lo, hi) -> bool:
+        if self.lo is not None:
+            c = _cmp(hi, self.lo)
+            if c < 0 or (self.lo_open and c == 0):
+                return True
+        if self.hi is not None:
+            c = _cmp(lo, self.hi)
+            if c > 0 or (self.hi_open and c == 0):
+                return True
+        return False
+
     def pretty(self) -> str:
+        if self.integer:
+            if self.lo is None and self.hi is None:
+                return "integer"
+            return "integer " + Domain(self.text, self.lo, self.hi, self.lo_open, self.hi_open).pretty()
+        if self.nonzero:
+            if self.lo is None and self.hi is None:
+                return "nonzero"
+            return "nonzero " + Domain(self.text, self.lo, self.hi, self.lo_open, self.hi_open).pretty()
         if self.is_finite:
             return "{" + ", ".join(str(v) for v in self.values) + "}"
         if self.lo is None and self.hi is None:
@@ -196,6 +248,18 @@ class Domain:
         if self.is_finite:
             return None
         lo, hi = self.lo, self.hi
+        if self.integer:  # lo + w, hi - w with w a nonnegative integer, or an integer
+            if lo is not None:
+                w = sp.Dummy(name, integer=True, nonnegative=True)
+                return lo + w, w
+            if hi is not None:
+                w = sp.Dummy(name, integer=True, nonnegative=True)
+                return hi - w, w
+            w = sp.Dummy(name, integer=True)
+            return w, w
+        if self.nonzero and (lo is None or lo < 0) and (hi is None or hi > 0):
+            w = sp.Dummy(name, real=True, nonzero=True)  # the sign is case-split instead
+            return w, w
         if lo is None and hi is None:
             w = sp.Dummy(name, real=True)
             return w, w
@@ -225,6 +289,10 @@ class Domain:
         values come from :meth:`samples`)."""
         if self.is_finite:
             return []
+        if self.integer:
+            base = self.lo if self.lo is not None else (self.hi if self.hi is not None else 0)
+            cands = [base + 1000, base - 1000, base + 10**12, base - 10**12, base + 1001, base - 999]
+            return [c for c in dict.fromkeys(sp.Integer(c) for c in cands) if self.contains(c)]
         tiny, big, huge = sp.Rational(1, 10**20), sp.Integer(1000), sp.Integer(10**12)
         cands = []
         if self.lo is None and self.hi is None:
@@ -246,6 +314,8 @@ class Domain:
         """Simple values first, then random ones; every value lies in the domain."""
         if self.is_finite:
             return [self.values[i % len(self.values)] for i in range(count)]
+        if self.integer:
+            return self._integer_samples(rng, count)
         nice = [Fraction(v) for v in ("1", "1/3", "2", "-1", "1/2", "3", "-2", "0", "5/7", "-1/3", "7/2", "4")]
         out = [v for v in nice if self.contains(v)]
         # endpoints of closed intervals are worth testing (gamma = 0, alpha = 1)
@@ -262,6 +332,30 @@ class Domain:
             v = Fraction(rng.uniform(lo, hi)).limit_denominator(10_000)
             if self.contains(v):
                 out.append(v)
+        return [sp.Rational(v.numerator, v.denominator) for v in out[:count]]
+
+
+    def _integer_samples(self, rng, count):
+        """Integers of the domain: the bounds, 0, odd and even values of both signs, then
+        random ones (bounded domains with few integers repeat them)."""
+        out = []
+        lo = int(self.lo) if self.lo is not None else None
+        hi = int(self.hi) if self.hi is not None else None
+        start = lo if lo is not None else (hi if hi is not None else 0)
+        for v in (start, start + 1, start + 2, start + 3, 0, 1, 2, 3, -1, -2, 5, 7, 10, 4, -3, 6):
+            f = Fraction(v)
+            if self.contains(f) and f not in out:
+                out.append(f)
+        a = lo if lo is not None else (hi - 40 if hi is not None else -20)
+        b = hi if hi is not None else a + 40
+        tries = 0
+        while len(out) < count and tries < 100 * count:
+            tries += 1
+            f = Fraction(rng.randint(a, b))
+            if self.contains(f) and (f not in out or b - a + 1 <= len(out)):
+                out.append(f)
+        while len(out) < count:
+            out.append(out[len(out) % max(1, len(out))])
         return [sp.Rational(v.numerator, v.denominator) for v in out[:count]]
 
 

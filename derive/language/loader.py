@@ -26,7 +26,7 @@ import sympy as sp
 
 from derive.language.domains import Domain, DomainError
 from derive.language.functions import D
-from derive.language.parser import ParseError, check_name, parse_expression
+from derive.language.parser import ParseError, _is_condition, check_name, parse_expression
 
 try:  # Python 3.11+
     import tomllib
@@ -125,6 +125,8 @@ class Chain:
     note: str | None = None
     export: str | None = None
     source: str | None = None  # the note's text/LaTeX for the whole chain, when given
+    assume: list = field(default_factory=list)  # conditions (SymPy) the chain's steps may assume
+    assume_text: list = field(default_factory=list)
 
 
 @dataclass
@@ -164,6 +166,8 @@ class Derivation:
     note: str | None = None
     instances: dict = field(default_factory=dict)  # name -> {Symbol: expression}
     instance_symbols: dict = field(default_factory=dict)  # name -> {Symbol: Domain}
+    assume: list = field(default_factory=list)  # conditions relating symbols ("sigma > s"), SymPy
+    assume_text: list = field(default_factory=list)
 
 
 @dataclass
@@ -425,7 +429,7 @@ def loads(text: str, path="<string>", deadline=None) -> DerivationFile:
         def derr(message, chain=None, line=None, lineno=None, _did=did):
             return DerivationFileError(path, message, derivation=_did, chain=chain, line=line, lineno=lineno)
 
-        allowed = {"id", "title", "note", "symbols", "definitions", "chain", "instances"}
+        allowed = {"id", "title", "note", "symbols", "definitions", "chain", "instances", "assume"}
         for key in rd:
             if key not in allowed:
                 raise derr(f"unknown key {key!r} (allowed: {', '.join(sorted(allowed))})",
@@ -443,6 +447,7 @@ def loads(text: str, path="<string>", deadline=None) -> DerivationFile:
             ctx = Context(d_names, d_domains, d_defs, d_latex)
         else:  # nothing of its own: share the file's tables (read-only), no copy per derivation
             ctx = Context(file_ctx.names, file_ctx.domains, file_ctx.definitions, file_ctx.latex_names)
+        d_assume = _load_assume(rd, ctx, derr, loc, d_line)
         chains_raw = rd.get("chain")
         if not isinstance(chains_raw, list) or not chains_raw:
             raise derr("needs at least one [[derivation.chain]]", lineno=d_line or None)
@@ -461,7 +466,8 @@ def loads(text: str, path="<string>", deadline=None) -> DerivationFile:
                 export_from[chain.export] = (did, chain.id)
             chains.append(chain)
         instances, inst_syms = _load_instances(rd.get("instances", {}), ctx, derr, loc, d_line)
-        derivations.append(Derivation(did, rd.get("title", did), chains, ctx, rd.get("note"), instances, inst_syms))
+        derivations.append(Derivation(did, rd.get("title", did), chains, ctx, rd.get("note"), instances, inst_syms,
+                                      [a for a, _ in d_assume], [t for _, t in d_assume]))
     kernels = _load_kernels(data.get("kernel", []), derivations, exports, export_from, path, loc, module)
     return DerivationFile(path, title, source, file_ctx, derivations, exports, export_from, kernels, module)
 
@@ -537,7 +543,9 @@ def _add_symbols(table, names, domains, latex_names, err, loc, after, definition
             if definitions and sym in definitions:
                 raise err(f"{_q(name)} is a definition; its domain cannot be redeclared", lineno=lineno)
         else:
-            sym = sp.Symbol(name, real=True)
+            # an integer or nonzero domain is also a SymPy assumption ((-1)^(2k) = 1, x/x = 1)
+            sym = sp.Symbol(name, integer=True) if dom.integer and not dom.nonzero else \
+                sp.Symbol(name, real=True, nonzero=True) if dom.nonzero else sp.Symbol(name, real=True)
             names[name] = sym
         domains[sym] = dom
         if latex:
@@ -580,7 +588,7 @@ def _add_definitions(table, names, domains, definitions, latex_names, err, loc, 
             elif m and m.group(1) == name:
                 hint = " (a definition cannot refer to itself)"
             raise err(f"definition {_q(name)}: {exc}{hint}", lineno=lineno) from None
-        if isinstance(expr, sp.core.relational.Relational):
+        if _is_condition(expr):
             raise err(f"definition {_q(name)} is a comparison, not a value", lineno=lineno)
         if expr.has(D):
             raise err(f"definition {_q(name)} may not contain D(...); write the derivative in a chain",
@@ -602,7 +610,7 @@ def _parse_in(text, ctx, err, what, chain=None, line=None, lineno=None, loc=None
         expr = _parse(text, ctx.names, loc)
     except ParseError as exc:
         raise err(f"{what}: {exc}: {_q(text, 80)}", chain=chain, line=line, lineno=lineno) from None
-    if isinstance(expr, sp.core.relational.Relational):
+    if _is_condition(expr):
         raise err(f"{what} is a comparison; a chain line is a value (the '=' are implied)",
                   chain=chain, line=line, lineno=lineno)
     return expr
@@ -618,7 +626,7 @@ def _load_chain(rc, ci, ctx, derr, loc, d_line):
     for key in ("note", "source"):
         if key in rc and not isinstance(rc[key], str):
             raise derr(f"{key} must be a string", chain=cid, lineno=c_line)
-    allowed = {"id", "lines", "note", "export", "source"}
+    allowed = {"id", "lines", "note", "export", "source", "assume"}
     for key in rc:
         if key not in allowed:
             raise derr(f"unknown key {_q(key)} (allowed: {', '.join(sorted(allowed))})", chain=cid,
@@ -675,7 +683,42 @@ def _load_chain(rc, ci, ctx, derr, loc, d_line):
     if lines[0].erratum is not None:
         raise derr("the first line of a chain is what is being computed; put the erratum on a later line",
                    chain=cid, line=0)
-    return Chain(cid, lines, rc.get("note"), export, rc.get("source"))
+    c_assume = _load_assume(rc, ctx, lambda m, **kw: derr(m, chain=cid, **kw), loc, c_line or d_line)
+    return Chain(cid, lines, rc.get("note"), export, rc.get("source"), [a for a, _ in c_assume],
+                 [t for _, t in c_assume])
+
+
+#: the most assumptions a derivation or chain states
+MAX_ASSUME = 16
+
+
+def _load_assume(table, ctx, err, loc, after):
+    """assume = ["sigma > s", ...]: conditions relating the symbols, [(SymPy condition, text)]."""
+    raw = table.get("assume", [])
+    lineno = loc.find_key("assume", after or 0) if "assume" in table else None
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
+        raise err('assume must be a list of conditions, e.g. assume = ["sigma > s"]', lineno=lineno)
+    if len(raw) > MAX_ASSUME:
+        raise err(f"assume: {len(raw)} conditions; the limit is {MAX_ASSUME}", lineno=lineno)
+    out = []
+    for text in raw:
+        _tick(loc)
+        try:
+            cond = _parse(text, ctx.names, loc)
+        except ParseError as exc:
+            raise err(f"assume: {exc}: {_q(text, 80)}", lineno=lineno) from None
+        if cond is sp.true:
+            continue
+        if cond is sp.false or not _is_condition(cond):
+            raise err(f"assume: {_q(text, 80)} is not a condition on the symbols (write a comparison such as "
+                      "sigma > s)" if cond is not sp.false else f"assume: {_q(text, 80)} is always false",
+                      lineno=lineno)
+        if cond.has(D):
+            raise err("assume: a condition may not contain D(...)", lineno=lineno)
+        out.append((cond, text))
+    return out
 
 
 def _load_instances(raw, ctx, derr, loc, d_line):

@@ -7,7 +7,10 @@ are never used on file content.
 
 Grammar (lowest precedence first)::
 
-    expr       := additive [ ('==' | '!=' | '<' | '<=' | '>' | '>=') additive ]
+    expr       := conj ('or' conj)*                    conditions: only inside where(...)
+    conj       := neg ('and' neg)*
+    neg        := 'not' neg | rel
+    rel        := additive [ ('==' | '!=' | '<' | '<=' | '>' | '>=') additive ]
     additive   := term (('+' | '-') term)*
     term       := unary (('*' | '/') unary)*          implicit products are not accepted
     unary      := ('-' | '+') unary | power
@@ -45,6 +48,8 @@ MAX_DIGITS = 1000
 _MAX_BITS = int(MAX_DIGITS * 3.3219280948873626) + 1
 #: functions nested inside a constant (subexpression without symbols): log(1 + log(2)) is 2
 MAX_CONSTANT_NESTING = 4
+#: arguments of one call (max and min take two or more)
+MAX_ARGS = 16
 #: |argument| of exp, sigmoid, softplus, expm1 and xexpm1inv when the argument is a constant
 MAX_EXP_ARGUMENT = 10_000
 #: a constant's magnitude, as a power of ten
@@ -110,6 +115,34 @@ def _where(cond, a, b):
     return sp.Piecewise((a, cond), (b, True))
 
 
+def _max(*args):
+    """max(a, b, ...) as a where(): the first argument not below any other (ties take the
+    earlier one), so that the prover case-splits it like any where() and D(max(a, b), v) is
+    the derivative of the branch taken."""
+    return _extreme(args, sp.GreaterThan)
+
+
+def _min(*args):
+    return _extreme(args, sp.LessThan)
+
+
+def _extreme(args, rel):
+    if len(args) == 1:
+        return args[0]
+    branches = []
+    for i, a in enumerate(args[:-1]):
+        conds = [rel(a, b, evaluate=False) for b in args[i + 1:]]
+        branches.append((a, sp.And(*conds) if len(conds) > 1 else conds[0]))
+    branches.append((args[-1], True))
+    return sp.Piecewise(*branches)
+
+
+def _clamp(v, lo, hi):
+    """clamp(v, lo, hi) = min(max(v, lo), hi) as a where(): lo below lo, hi above hi."""
+    return sp.Piecewise((lo, sp.StrictLessThan(v, lo, evaluate=False)),
+                        (hi, sp.StrictGreaterThan(v, hi, evaluate=False)), (v, True))
+
+
 #: name -> (number of arguments, builder). Nothing outside this table can be called.
 FUNCTIONS: dict[str, tuple[int, Callable]] = {
     "exp": (1, sp.exp),
@@ -117,6 +150,13 @@ FUNCTIONS: dict[str, tuple[int, Callable]] = {
     "ln": (1, sp.log),
     "sqrt": (1, sp.sqrt),
     "abs": (1, sp.Abs),
+    "sign": (1, sp.sign),
+    "tanh": (1, sp.tanh),
+    "sinh": (1, sp.sinh),
+    "cosh": (1, sp.cosh),
+    "max": (-2, _max),  # two or more arguments
+    "min": (-2, _min),
+    "clamp": (3, _clamp),
     "sigmoid": (1, sigmoid),
     "softplus": (1, softplus),
     "log1p": (1, log1p),
@@ -135,7 +175,14 @@ _RELATIONS = {
     ">=": lambda a, b: sp.GreaterThan(a, b, evaluate=False),
 }
 
-RESERVED = set(FUNCTIONS) | {"pi", "oo", "otherwise"}
+#: words of conditions (where(x > 0 and y < 1, ...))
+LOGIC_WORDS = {"and", "or", "not"}
+
+RESERVED = set(FUNCTIONS) | {"pi", "oo", "otherwise"} | LOGIC_WORDS
+
+
+def _is_condition(node) -> bool:
+    return isinstance(node, (sp.core.relational.Relational, sp.And, sp.Or, sp.Not))
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
@@ -201,6 +248,45 @@ class _Parser:
         return node
 
     def expr(self):
+        node = self.conj()
+        while self._word("or"):
+            tok = self.take()
+            rhs = self.conj()
+            self._logic(node, tok)
+            self._logic(rhs, tok)
+            node = sp.Or(node, rhs)
+        return node
+
+    def conj(self):
+        node = self.neg()
+        while self._word("and"):
+            tok = self.take()
+            rhs = self.neg()
+            self._logic(node, tok)
+            self._logic(rhs, tok)
+            node = sp.And(node, rhs)
+        return node
+
+    def neg(self):
+        if self._word("not"):
+            tok = self.take()
+            self.enter()
+            operand = self.neg()
+            self.depth -= 1
+            self._logic(operand, tok)
+            return sp.Not(operand)
+        return self.rel()
+
+    def _word(self, word):
+        tok = self.peek()
+        return tok.kind == "name" and tok.text == word
+
+    def _logic(self, node, tok):
+        if not _is_condition(node):
+            what = "negates a condition" if tok.text == "not" else "joins conditions"
+            raise self.error(f"{tok.text!r} {what} (comparisons such as x > 0), not values", tok)
+
+    def rel(self):
         left = self.additive()
         tok = self.peek()
         if tok.kind == "op" and tok.text in _RELATIONS:
@@ -306,6 +392,10 @@ class _Parser:
                 return self.call(name, tok)
             if name in FUNCTIONS:
                 raise self.error(f"function {name!r} needs arguments, e.g. {name}(x)", tok)
+            if name in LOGIC_WORDS:
+                raise self.error(f"{name!r} joins two conditions, as in where(x > 0 {name} y < 1, a, b)"
+                                 if name != "not" else "'not' negates a condition, as in where(not x > 0, a, b)",
+                                 tok)
             if name == "pi":
                 return sp.pi
             if name not in self.names:
@@ -337,19 +427,31 @@ class _Parser:
         while self.peek().text == "," and self.peek().kind == "op":
             self.take()
             args.append(self.expr())
-            if len(args) > 3:
+            if len(args) > MAX_ARGS:
                 break
         self.depth -= 1
         nargs, builder = FUNCTIONS[name]
-        if len(args) != nargs:
-            raise self.error(f"{name} takes {nargs} argument(s), got {len(args)}" + ("+" if len(args) > 3 else ""), tok)
+        if nargs < 0:  # at least -nargs arguments
+            if len(args) < -nargs or len(args) > MAX_ARGS:
+                raise self.error(f"{name} takes {-nargs} to {MAX_ARGS} arguments, got {len(args)}"
+                                 + ("+" if len(args) > MAX_ARGS else ""), tok)
+        elif len(args) != nargs:
+            raise self.error(f"{name} takes {nargs} argument(s), got {len(args)}"
+                             + ("+" if len(args) > max(3, nargs) else ""), tok)
+        for a in args if name != "where" else args[1:]:
+            if _is_condition(a):
+                raise self.error(f"{name}(...): a condition (comparison) is not a value; only the first "
+                                 "argument of where(...) is a condition", tok)
         if self.peek().text != ")":
             found = "end of expression" if self.peek().kind == "end" else repr(self.peek().text)
             raise self.error(f"unbalanced parentheses in call to {name}: expected ')', found {found}")
         self.take()
         if name == "where":
-            if not isinstance(args[0], sp.core.relational.Relational):
-                raise self.error("where(cond, a, b): cond must be a comparison such as y == 1", tok)
+            if not _is_condition(args[0]):
+                if args[0] in (sp.true, sp.false):
+                    return args[1] if args[0] is sp.true else args[2]
+                raise self.error("where(cond, a, b): cond must be a comparison such as y == 1, or comparisons "
+                                 "joined by and, or, not", tok)
             if args[0].has(sp.Piecewise):  # SymPy folds it into ITE cases: exponential in their number
                 raise self.error("where(cond, a, b): cond may not itself contain where(...); compare a "
                                  "defined symbol instead, or move the where outside", tok)
@@ -416,7 +518,15 @@ class _Parser:
         return v
 
     def _decide(self, rel, tok):
-        """True or False for a comparison of two constants, None when it has symbols."""
+        """True or False for a comparison of two constants (or and/or/not of such), None when
+        it has symbols."""
+        if isinstance(rel, (sp.And, sp.Or, sp.Not)):
+            parts = [self._decide(a, tok) for a in rel.args]
+            if None in parts:
+                return None
+            if isinstance(rel, sp.Not):
+                return not parts[0]
+            return all(parts) if isinstance(rel, sp.And) else any(parts)
         lhs, rhs = rel.args
         a, b = self._value(lhs, tok), self._value(rhs, tok)
         if a is None or b is None:
@@ -495,7 +605,7 @@ class _Parser:
                 raise self.error(f"{name} of a constant beyond +-{MAX_EXP_ARGUMENT}: too large", tok)
 
     def _arith(self, node, op):
-        if isinstance(node, sp.core.relational.Relational):
+        if _is_condition(node):
             raise self.error(f"a comparison cannot be used as an operand of {op!r}")
 
 
@@ -516,7 +626,7 @@ def _short(text: str, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-_EXP_LIKE = ("exp", "sigmoid", "softplus", "expm1", "xexpm1inv")
+_EXP_LIKE = ("exp", "sigmoid", "softplus", "expm1", "xexpm1inv", "sinh", "cosh", "tanh")
 _UNDEFINED = (sp.S.ComplexInfinity, sp.S.NaN, sp.S.Infinity, sp.S.NegativeInfinity, sp.S.ImaginaryUnit)
 
 
@@ -620,6 +730,13 @@ def _enclose(node, memo):
                 value = iv.log(x)
             elif name == "abs":
                 value = abs(x)
+            elif name == "sign":
+                value = iv.mpf(1) if x.a > 0 else iv.mpf(-1) if x.b < 0 else iv.mpf(0) if x.a == x.b == 0 \
+                    else iv.mpf([-1, 1])
+            elif name in ("sinh", "cosh"):
+                value = (iv.exp(x) + (-1 if name == "sinh" else 1) * iv.exp(-x)) / 2
+            elif name == "tanh":
+                value = (iv.exp(2 * x) - 1) / (iv.exp(2 * x) + 1)
             elif name == "sigmoid":
                 value = 1 / (1 + iv.exp(-x))
             elif name == "softplus":
@@ -644,7 +761,8 @@ def _enclose(node, memo):
     return out
 
 
-_FUNCTION_NAMES = {sp.exp: "exp", sp.log: "log", sp.Abs: "abs", sigmoid: "sigmoid", softplus: "softplus",
+_FUNCTION_NAMES = {sp.exp: "exp", sp.log: "log", sp.Abs: "abs", sp.sign: "sign", sp.sinh: "sinh", sp.cosh: "cosh",
+                   sp.tanh: "tanh", sigmoid: "sigmoid", softplus: "softplus",
                    log1p: "log1p", expm1: "expm1", xexpm1inv: "xexpm1inv"}
 
 

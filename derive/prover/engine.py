@@ -159,6 +159,9 @@ class Resolver:
             else:
                 continue
             total += sp.diff(f, s) * ds
+        if total.has(sp.DiracDelta, sp.Heaviside):
+            # d sign(v)/dv = 0 wherever it exists; SymPy writes 2*DiracDelta(v)
+            total = total.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.S.Zero)
         return total
 
     def symbol_derivative(self, s, v):
@@ -182,6 +185,12 @@ class _Invalid(Exception):
     1/0, ...)."""
 
 
+class _DomainError(_Invalid):
+    """The value is undefined by the rules of real arithmetic at this point (log of a
+    non-positive number, division by zero, 0 to a negative power, a non-integer power of a
+    negative number): a step whose other side has a real value here is refuted."""
+
+
 class _Undecided(Exception):
     """The interval enclosure at this precision is too wide to decide a branch, a sign or a
     base (a where() condition at its threshold, log of an enclosure around 0, ...)."""
@@ -196,8 +205,20 @@ _LOG10_2 = 0.30102999566398120
 
 
 def _prepare_numeric(expr):
-    """Prepare ``expr`` for evaluation with mpmath by a tree walk (no code generation)."""
-    return rewrite_elementary(expr)
+    """Prepare ``expr`` for evaluation with mpmath by a tree walk (no code generation).
+    xexpm1inv stays: it is 1 at u = 0, where its rewrite u/(e^u - 1) is 0/0."""
+    keep = {}
+
+    def hold(u):
+        d = sp.Dummy("xexpm1inv")
+        keep[d] = xexpm1inv(u)
+        return d
+
+    e = expr.replace(xexpm1inv, hold) if expr.has(xexpm1inv) else expr
+    e = rewrite_elementary(e)
+    if keep:
+        e = e.xreplace({d: xexpm1inv(_prepare_numeric(f.args[0])) for d, f in keep.items()})
+    return e
 
 
 _IV = mpmath.iv
@@ -289,12 +310,42 @@ class _Eval:
             a = w(e.args[0])
             lo, hi = _ends(a)
             if hi <= 0:
-                raise _Invalid("log of a non-positive number")
+                raise _DomainError("log of 0" if lo == hi == 0 else "log of a negative number" if hi < 0
+                                   else "log of a non-positive number")
             if lo <= 0:
                 raise _Undecided("log of an enclosure of 0")
             return _IV.log(a)
         if isinstance(e, sp.Abs):
             return abs(w(e.args[0]))
+        if isinstance(e, sp.sign):
+            lo, hi = _ends(w(e.args[0]))
+            if lo > 0:
+                return _IV.mpf(1)
+            if hi < 0:
+                return _IV.mpf(-1)
+            if lo == hi == 0:
+                return _IV.mpf(0)
+            raise _Undecided("sign of an enclosure of 0")
+        if isinstance(e, (sp.tanh, sp.sinh, sp.cosh)):
+            a = w(e.args[0])
+            if isinstance(e, sp.tanh):
+                lo, hi = _ends(a)
+                if lo == hi == 0:
+                    return _IV.mpf(0)
+                # 1 - 2/(e^(2a) + 1): one occurrence of a, so the enclosure stays tight
+                if lo >= 0:
+                    return 1 - 2 / (_IV.exp(2 * a) + 1)
+                return -(1 - 2 / (_IV.exp(-2 * a) + 1))
+            ea, eb = _IV.exp(a), _IV.exp(-a)
+            return (ea - eb) / 2 if isinstance(e, sp.sinh) else (ea + eb) / 2
+        if isinstance(e, xexpm1inv):
+            a = w(e.args[0])
+            lo, hi = _ends(a)
+            if lo == hi == 0:
+                return _IV.mpf(1)
+            if lo <= 0 <= hi:
+                raise _Undecided("xexpm1inv of an enclosure of 0")
+            return a / (_IV.exp(a) - 1)
         if isinstance(e, sp.Piecewise):
             for i, (value, cond) in enumerate(e.args):
                 t = self.truth(cond)
@@ -322,10 +373,33 @@ class _Eval:
         b = self.walk(e.base)
         lo, hi = _ends(b)
         if e.exp.is_Integer:
-            n = int(e.exp)
+            return self._int_pow(b, lo, hi, int(e.exp))
+        x = self.walk(e.exp)
+        xl, xh = _ends(x)
+        if xl == xh and mpmath.isint(xl) and (hi <= 0 or lo <= 0):
+            # an exponent that is an integer at this point ((-1)^(2g) at g = 1)
+            return self._int_pow(b, lo, hi, int(xl))
+        if hi < 0:
+            if mpmath.floor(xl) != mpmath.floor(xh) or mpmath.isint(xl) or mpmath.isint(xh):
+                raise _Undecided("a negative number to an exponent that may be an integer")
+            raise _DomainError("a non-integer power of a negative number")
+        if lo == 0 and hi == 0:
+            if xl > 0:
+                return _IV.mpf(0)
+            if xh < 0:
+                raise _DomainError("0 to a negative power")
+            if xl == 0 and xh == 0:
+                return _IV.mpf(1)
+            raise _Undecided("0 to a power of unknown sign")
+        if lo <= 0:
+            raise _Undecided("a power of an enclosure of 0")
+        return _IV.exp(x * _IV.log(b))
+
+    def _int_pow(self, b, lo, hi, n):
+        if True:
             if lo == 0 and hi == 0:
                 if n < 0:
-                    raise _Invalid("division by zero")
+                    raise _DomainError("division by zero")
                 return _IV.mpf(1) if n == 0 else _IV.mpf(0)
             if n < 0 and lo <= 0 <= hi:
                 raise _Undecided("division by an enclosure of 0")
@@ -337,21 +411,6 @@ class _Eval:
                 r = _IV.exp(n * _IV.log(-b))
                 return r if n % 2 == 0 else -r
             raise _Undecided("a large power of an enclosure of 0")
-        x = self.walk(e.exp)
-        if hi < 0:
-            raise _Invalid("negative base to a non-integer power")
-        if lo == 0 and hi == 0:
-            xl, xh = _ends(x)
-            if xl > 0:
-                return _IV.mpf(0)
-            if xh < 0:
-                raise _Invalid("0 to a negative power")
-            if xl == 0 and xh == 0:
-                return _IV.mpf(1)
-            raise _Undecided("0 to a power of unknown sign")
-        if lo <= 0:
-            raise _Undecided("a power of an enclosure of 0")
-        return _IV.exp(x * _IV.log(b))
 
     def truth(self, cond):
         """True, False, or None when the enclosures do not decide the condition."""
@@ -445,8 +504,9 @@ def _show_pair(a, b, dps):
 
 @dataclass
 class PointResult:
-    kind: str  # "agree", "differ", "invalid", "undecided"
+    kind: str  # "agree", "differ", "invalid", "undecided", "domain" (one side undefined, the other real)
     reason: str = ""
+    side: str = ""  # "domain": the undefined side, "left" or "right"
     lhs: object = None
     rhs: object = None
     dps: int = DPS
@@ -479,17 +539,32 @@ def compare_at(pl, pr, point, dps=DPS, max_dps=MAX_DPS) -> PointResult:
     P = dps
     reason = ""
     while True:
-        try:
-            L, el = _ieval(pl, point, P)
-            R, er = _ieval(pr, point, P)
-        except _Invalid as exc:
-            return PointResult("invalid", str(exc), dps=P)
-        except _Undecided as exc:
-            reason = str(exc)
+        sides = []
+        for prep in (pl, pr):
+            try:
+                sides.append(_ieval(prep, point, P))
+            except _Invalid as exc:
+                sides.append(exc)
+            except _Undecided as exc:
+                sides.append(exc)
+        bad = [x for x in sides if isinstance(x, Exception)]
+        if bad:
+            dom = [isinstance(x, _DomainError) for x in sides]
+            und = [isinstance(x, _Undecided) for x in sides]
+            if dom[0] != dom[1] and not any(und):
+                # a domain error on one side only, a real value on the other: refuted at this point
+                k = 0 if dom[0] else 1
+                return PointResult("domain", str(sides[k]), side=("left", "right")[k], dps=P,
+                                   lhs=None if k == 0 else sides[0][0], rhs=None if k == 1 else sides[1][0])
+            inval = [x for x in bad if isinstance(x, _Invalid)]
+            if inval and not (any(dom) and any(und)):
+                return PointResult("invalid", str(inval[0]), dps=P)
+            reason = str(next(x for x in bad if isinstance(x, _Undecided)))
             if P >= max_dps:
                 return PointResult("undecided", reason, dps=P)
             P = min(max_dps, 2 * P)
             continue
+        (L, el), (R, er) = sides
         ll, lh = _ends(L)
         rl, rh = _ends(R)
         if lh < rl or rh < ll:
@@ -628,6 +703,71 @@ def _fail_reason(exc) -> tuple[str, str]:
     return "internal error", f"{type(exc).__name__}: {exc}"[:200]
 
 
+def _unbounded(dom) -> bool:
+    """The whole real line (or the reals without 0): a symbol a case split may solve for."""
+    return dom is None or (not dom.is_finite and not dom.integer and dom.lo is None and dom.hi is None)
+
+
+def _hyperbolic_to_exp(e):
+    if e.has(sp.tanh, sp.sinh, sp.cosh):
+        return e.rewrite(sp.exp)
+    return e
+
+
+#: the most nested splits of where()/abs/sign conditions one case goes through
+MAX_SPLIT_DEPTH = 6
+
+
+def _undecided(rel):
+    return not isinstance(rel, bool) and rel not in (sp.true, sp.false)
+
+
+def _split_targets(expr):
+    """Expressions whose sign decides a branch: lhs - rhs of each relation of a where()
+    condition, the argument of each abs and sign; plus the undecided conditions themselves."""
+    targets, conds = [], []
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Piecewise):
+            for _, cond in node.args:
+                if _undecided(cond):
+                    conds.append(cond)
+                    for r in sp.preorder_traversal(cond):
+                        if isinstance(r, sp.core.relational.Relational):
+                            targets.append(r.lhs - r.rhs)
+        elif isinstance(node, (sp.Abs, sp.sign)):
+            targets.append(node.args[0])
+    return targets, conds
+
+
+def _decide_relation(rel):
+    """sp.true / sp.false when the sign of lhs - rhs, factored, is known from the symbols'
+    assumptions; else None."""
+    try:
+        t = sp.factor(sp.cancel(sp.together(rel.lhs - rel.rhs)))
+    except Exception:
+        return None
+    pos, neg, zero = t.is_positive, t.is_negative, t.is_zero
+    nonneg, nonpos = t.is_nonnegative, t.is_nonpositive
+    if isinstance(rel, sp.Eq) or isinstance(rel, sp.Ne):
+        truth = True if zero else (False if (pos or neg) else None)
+        if truth is None:
+            return None
+        truth = truth if isinstance(rel, sp.Eq) else not truth
+    elif isinstance(rel, sp.StrictGreaterThan):
+        truth = True if pos else (False if nonpos else None)
+    elif isinstance(rel, sp.GreaterThan):
+        truth = True if nonneg else (False if neg else None)
+    elif isinstance(rel, sp.StrictLessThan):
+        truth = True if neg else (False if nonneg else None)
+    elif isinstance(rel, sp.LessThan):
+        truth = True if nonpos else (False if pos else None)
+    else:
+        return None
+    if truth is None:
+        return None
+    return sp.true if truth else sp.false
+
+
 def _non_finite(expr) -> bool:
     return isinstance(expr, sp.Basic) and (expr.has(sp.nan, sp.zoo, sp.oo, sp.S.NegativeInfinity))
 
@@ -669,12 +809,22 @@ class Scan:
         return f"{self.n_dropped} of {self.total} sample points dropped ({parts})"
 
 
+def _refuted(scan, t0, tried=None) -> Verdict:
+    cex = scan.cex
+    if "reason" in cex:  # a domain error: one side undefined where the other has a real value
+        method = f"domain error: {cex['reason']} (mpmath, {scan.dps} and {2 * scan.dps} digits)"
+    else:
+        method = f"counterexample (mpmath, {scan.dps} and {2 * scan.dps} digits)"
+    return Verdict(REFUTED, method, cex, time.monotonic() - t0, tried=tried or [])
+
+
 class Prover:
     """Checks steps for one derivation context."""
 
     def __init__(self, ctx, seed: int = DEFAULT_SEED, step_timeout: float = 4.0, deadline: float | None = None,
-                 instances=None, instance_symbols=None, strategies=None):
+                 instances=None, instance_symbols=None, strategies=None, assumptions=None):
         self.ctx = ctx
+        self.assumptions = list(assumptions or [])  # conditions relating symbols (assume = [...])
         self.strategies = strategies  # None: all; else a collection of keys of STRATEGIES
         self.seed = seed
         self.step_timeout = step_timeout
@@ -758,7 +908,7 @@ class Prover:
             pts, bases, finite = self._build_points(key)
             if key > SCREEN_POINTS and pts:
                 pts = pts + self._scale_points(pts, bases, finite)
-            self._points[key] = pts
+            self._points[key] = self.satisfying(pts)
         pts = self._points[key]
         return pts[:count] if count <= SCREEN_POINTS else pts
 
@@ -775,6 +925,16 @@ class Prover:
                             rels.extend(c for c in sp.preorder_traversal(cond)
                                         if isinstance(c, sp.core.relational.Relational))
                 elif isinstance(node, sp.Abs):
+                    rels.append(node.args[0])
+        # where a side may be undefined: a denominator, a log's argument, the base of a
+        # non-integer power (x/x at x = 0, log(s) at s <= 0): both sides of each root
+        for expr in exprs:
+            for node in sp.preorder_traversal(expr):
+                if node.is_Pow and (node.exp.is_negative or not node.exp.is_Integer) and node.base.free_symbols:
+                    rels.append(node.base)
+                elif isinstance(node, sp.log) and node.args[0].free_symbols:
+                    rels.append(node.args[0])
+                elif isinstance(node, sp.sign):
                     rels.append(node.args[0])
         out, seen = [], set()
         for rel in sorted(set(rels), key=sp.default_sort_key):
@@ -804,10 +964,104 @@ class Prover:
                         seen.add((s, v, id(base)))
                         pt = dict(base)
                         pt[s] = v
+                        if self.assumptions and not self._holds(pt):
+                            continue
                         out.append(pt)
                         if len(out) >= MAX_THRESHOLD_POINTS:
                             return out
         return out
+
+    # -- assumptions (assume = ["sigma > s"]) --------------------------------------------
+    def _assumed(self):
+        """The assumptions with definitions expanded, ready for the evaluator (cached)."""
+        key = tuple(self.assumptions)
+        hit = getattr(self, "_assumed_cache", None)
+        if hit is None or hit[0] != key:
+            conds = [_prepare_numeric(self.ctx.expand(c)) for c in self.assumptions]
+            hit = (key, conds)
+            self._assumed_cache = hit
+        return hit[1]
+
+    def _holds(self, pt) -> bool:
+        conds = self._assumed()
+        if not conds:
+            return True
+        try:
+            exact = {s: sp.Rational(v) for s, v in pt.items()}
+            old = _IV.prec
+            try:
+                _IV.dps = DPS
+                ev = _Eval({s: _iv_rational(v) for s, v in exact.items()}, exact)
+                return all(ev.truth(c) is True for c in conds)
+            finally:
+                _IV.prec = old
+        except (_Invalid, _Undecided, ArithmeticError, ValueError, TypeError):
+            return False
+
+    def satisfying(self, pts):
+        """The points that satisfy every assumption: each point that does not is moved along
+        a symbol in which the assumption is linear (sigma > s: s = sigma - 1/2, ...) to one
+        that does, or dropped."""
+        if not self.assumptions:
+            return pts
+        conds = self._assumed()
+        out = []
+        for k, pt in enumerate(pts):
+            q = dict(pt)
+            for _ in range(2):
+                if self._holds(q):
+                    break
+                for c in conds:
+                    for rel in (c.args if isinstance(c, sp.And) else (c,)):
+                        if isinstance(rel, sp.core.relational.Relational):
+                            q = self._repair(q, rel, k)
+            if self._holds(q):
+                out.append(q)
+        return out
+
+    _OFFSETS = (sp.Rational(1, 2), sp.Integer(1), sp.Integer(3), sp.Rational(1, 10**6), sp.Rational(7, 3),
+                sp.Integer(10), sp.Rational(1, 10), sp.Integer(1000))
+
+    def _repair(self, pt, rel, k):
+        try:
+            exact = {s: sp.Rational(v) for s, v in pt.items()}
+            if rel.xreplace(exact) in (sp.true, True):
+                return pt
+        except Exception:
+            pass
+        d = rel.lhs - rel.rhs
+        cands = sorted((s for s in d.free_symbols if s in pt and not self.base_domain(s).is_finite),
+                       key=lambda s: (not _unbounded(self.base_domain(s)), s.name))
+        for v in cands:
+            rest = {s: sp.Rational(x) for s, x in pt.items() if s != v}
+            try:
+                poly = sp.Poly(d.xreplace(rest), v)
+            except Exception:
+                continue
+            if poly.degree() != 1:
+                continue
+            a, b = poly.all_coeffs()
+            if not (a.is_Rational and b.is_Rational) or a == 0:
+                continue
+            if isinstance(rel, (sp.Eq,)):
+                targets = [sp.S.Zero]
+            elif isinstance(rel, (sp.StrictGreaterThan, sp.Ne)):
+                targets = list(self._OFFSETS)
+            elif isinstance(rel, sp.GreaterThan):
+                targets = [sp.S.Zero] + list(self._OFFSETS) if k % 4 == 0 else list(self._OFFSETS)
+            elif isinstance(rel, sp.StrictLessThan):
+                targets = [-o for o in self._OFFSETS]
+            else:
+                targets = [sp.S.Zero] + [-o for o in self._OFFSETS] if k % 4 == 0 else [-o for o in self._OFFSETS]
+            n = len(targets)
+            for j in range(n):
+                t = targets[(k + j) % n] if len(targets) > 1 else targets[0]
+                val = (t - b) / a
+                if self.base_domain(v).contains(val):
+                    q = dict(pt)
+                    q[v] = val
+                    return q
+        return pt
 
     def instance_points(self, name, count):
         """Points for a concrete instance (K = 3 classes...): the moderate points only, the
@@ -821,7 +1075,7 @@ class Prover:
             for s, dom in extra.items():
                 q[s] = dom.samples(rng, 8)[rng.randrange(8)]
             out.append(q)
-        return out
+        return self.satisfying(out)
 
     # -- numeric -----------------------------------------------------------------------------
     def numeric_scan(self, lhs_full, rhs_full, points, dps=DPS) -> Scan:
@@ -836,6 +1090,25 @@ class Prover:
             scan.total += 1
             try:
                 res = compare_at(pl, pr, pt, dps)
+                if res.kind == "domain":
+                    res2 = compare_at(pl, pr, pt, min(MAX_DPS * 2, 2 * res.dps), max_dps=min(MAX_DPS * 2, 2 * res.dps))
+                    if res2.kind == "domain" and res2.side == res.side:
+                        scan.dps = res.dps
+                        other = res.rhs if res.side == "left" else res.lhs
+                        with mpmath.workdps(20):
+                            shown = mpmath.nstr(_mid(other), 12)
+                        undefined = f"undefined ({res.reason})"
+                        point = {s.name: str(v) for s, v in sorted(pt.items(), key=lambda kv: kv[0].name)
+                                 if s in used}
+                        scan.cex = {
+                            "point": point,
+                            "lhs": undefined if res.side == "left" else shown,
+                            "rhs": undefined if res.side == "right" else shown,
+                            "reason": f"{res.side} side undefined at "
+                                      + ", ".join(f"{k} = {v}" for k, v in point.items()) + f": {res.reason}",
+                        }
+                        return scan
+                    res = res2 if res2.kind != "domain" else res
                 if res.kind == "differ":
                     scan.dps = res.dps
                     P2 = min(MAX_DPS * 2, 2 * res.dps)
@@ -881,7 +1154,8 @@ class Prover:
         signs = []
         for s in signed:
             pos = sp.Symbol(f"{s.name}__pos", positive=True)
-            signs.append((pos, -pos, sp.S.Zero))
+            dom = self.domain_of(s)
+            signs.append((pos, -pos) if dom is not None and dom.nonzero else (pos, -pos, sp.S.Zero))
         for vals in itertools.product(*[self.domain_of(s).values for s in finite]):
             case = dict(zip(finite, vals))
             for svals in itertools.product(*signs):
@@ -900,9 +1174,141 @@ class Prover:
         out = []
         for s in sorted(found, key=lambda s: s.name):
             dom = self.domain_of(s)
+            if isinstance(s, sp.Dummy) or s.is_nonnegative is not None or s.is_nonpositive is not None:
+                continue  # a sign already known (d > 0 of an assumption)
             if s.is_real and (dom is None or (not dom.is_finite and dom.lo is None and dom.hi is None)):
                 out.append(s)
         return out if len(out) <= limit else []
+
+    def _solvable(self, t, atoms_ok, fallback=False):
+        """(v, a, r) with t = a*v + r, a a nonzero rational and v a symbol over the whole real
+        line (a base symbol, or a defined symbol used as an atom without a proved domain), or
+        None."""
+        best = None
+        order = sorted(t.free_symbols, key=lambda s: (isinstance(s, sp.Dummy), s.name))
+        if fallback:  # any symbol: the substitution still covers every point (a superset)
+            order = sorted(t.free_symbols, key=lambda s: (not (not isinstance(s, sp.Dummy) and _unbounded(
+                self.domain_of(s))), not isinstance(s, sp.Dummy), s.name))
+        for v in order:
+            if not isinstance(v, sp.Symbol):
+                continue
+            if v in self.ctx.definitions and not atoms_ok:
+                continue
+            if not fallback:
+                if isinstance(v, sp.Dummy) or not _unbounded(self.domain_of(v)):
+                    continue
+            try:
+                poly = sp.Poly(t, v)
+            except Exception:
+                continue
+            if poly.degree() != 1:
+                continue
+            a, r = poly.all_coeffs()
+            # a nonzero for every value of the other symbols: v <-> t is one to one
+            if (a.is_Rational and a != 0 or a.is_positive or a.is_negative) and not a.has(v) and not r.has(v):
+                best = (v, a, r)
+                break
+        return best
+
+    def _apply_assumptions(self, expr, atoms_ok, case=None):
+        """Substitute each assumption a > b (>=, <, <=, ==) into ``expr`` as a = b + d with a
+        fresh d > 0 (>= 0, ...), solving for a symbol in which a - b is linear: the cases are
+        then only those the assumption allows."""
+        conds = [c if atoms_ok else self.ctx.expand(c) for c in self.assumptions]
+        if case:
+            conds = [c.xreplace(case) for c in conds]
+            if any(c is sp.false for c in conds):
+                return None  # no point of this case satisfies the assumptions
+        rels = []
+        for c in conds:
+            rels.extend(c.args if isinstance(c, sp.And) else (c,))
+        for k in range(len(rels)):
+            rel = rels[k]  # with the substitutions of the assumptions before it
+            if not isinstance(rel, sp.core.relational.Relational) or isinstance(rel, sp.Ne):
+                continue
+            t = rel.lhs - rel.rhs
+            sol = self._solvable(t, atoms_ok, fallback=True)
+            if sol is None:
+                continue
+            v, a, r = sol
+            if isinstance(rel, sp.Eq):
+                target = sp.S.Zero
+            else:
+                strict = isinstance(rel, (sp.StrictGreaterThan, sp.StrictLessThan))
+                d = sp.Dummy("d", positive=True) if strict else sp.Dummy("d", nonnegative=True)
+                target = d if isinstance(rel, (sp.StrictGreaterThan, sp.GreaterThan)) else -d
+            sub = {v: (target - r) / a}
+            expr = expr.xreplace(sub)
+            rels = [x.xreplace(sub) if isinstance(x, sp.Basic) else x for x in rels]
+        return expr
+
+    def _split(self, expr, atoms_ok, prepare=None):
+        """The cases of ``expr`` one after another (a generator): the assumptions made
+        explicit, the finite labels and the signs of symbols under abs or in a where()
+        condition (:meth:`_case_values`), the interval symbols parametrised, and then every
+        abs, sign or where() condition that is still undecided split by :meth:`_refine`.
+        Raises TooManyCases beyond MAX_CASES."""
+        count = [0]
+        for fcase in self._case_values(expr.free_symbols):  # the finite labels
+            e0 = expr.xreplace(fcase)
+            if self.assumptions:
+                e0 = self._apply_assumptions(e0, atoms_ok, fcase)
+                if e0 is None:
+                    continue
+            for case in self._case_values(set(), e0):  # the signs
+                e = e0.xreplace(case)
+                if prepare is not None:
+                    e = prepare(e)
+                e = e.xreplace(self._param_subs(e.free_symbols, atoms_ok))
+                yield from self._refine(e, atoms_ok, 0, count)
+
+    def _refine(self, e, atoms_ok, depth, count):
+        """Split the first undecided abs/sign/where() of ``e``: solved for a symbol over the
+        reals (t = a*v + r: v = (c - r)/a for c = d, -d, 0 with d > 0), else, for a condition,
+        one case where it holds and one where it does not (sound: each case is an identity on
+        all values), for abs(t) the cases t and -t, for sign(t) the values 1, -1, 0."""
+        targets, conds = _split_targets(e) if depth < MAX_SPLIT_DEPTH else ([], [])
+        decided = {}
+        for cond in set(conds):  # a condition whose factored difference has a known sign
+            for rel in sp.preorder_traversal(cond):
+                if isinstance(rel, sp.core.relational.Relational) and rel not in decided:
+                    value = _decide_relation(rel)
+                    if value is not None:
+                        decided[rel] = value
+        if decided:
+            yield from self._refine(e.xreplace(decided), atoms_ok, depth, count)
+            return
+        for t in sorted(set(targets), key=sp.default_sort_key):
+            if t.is_positive is not None or t.is_zero is not None or t.is_negative is not None:
+                if t.is_positive or t.is_negative or t.is_zero:
+                    continue
+            sol = self._solvable(t, atoms_ok)
+            if sol is None:
+                continue
+            v, a, r = sol
+            pos = sp.Dummy(f"{v.name}_split", positive=True)
+            dom = self.domain_of(v)
+            zero_ok = not (dom is not None and dom.nonzero and r == 0)
+            for c in (pos, -pos, sp.S.Zero) if zero_ok else (pos, -pos):
+                yield from self._refine(e.xreplace({v: (c - r) / a}), atoms_ok, depth + 1, count)
+            return
+        if conds:
+            cond = sorted(set(conds), key=sp.default_sort_key)[0]
+            for value in (sp.true, sp.false):
+                yield from self._refine(e.xreplace({cond: value}), atoms_ok, depth + 1, count)
+            return
+        for node in sorted((n for n in e.atoms(sp.Abs, sp.sign)
+                            if not (n.args[0].is_positive or n.args[0].is_negative or n.args[0].is_zero)),
+                           key=sp.default_sort_key)[:1] if depth < MAX_SPLIT_DEPTH else []:
+            t = node.args[0]
+            vals = (t, -t) if isinstance(node, sp.Abs) else (sp.S.One, -sp.S.One, sp.S.Zero)
+            for val in vals:
+                yield from self._refine(e.xreplace({node: val}), atoms_ok, depth + 1, count)
+            return
+        count[0] += 1
+        if count[0] > MAX_CASES:
+            raise TooManyCases(f"more than {MAX_CASES} cases")
+        yield e
 
     def _param_subs(self, syms, atoms_ok=True):
         subs = {}
@@ -929,20 +1335,13 @@ class Prover:
             return _is_zero(sp.expand(d_atoms)) or _is_zero(d_atoms)
 
         def atoms():
-            syms = d_atoms.free_symbols
-            for case in self._case_values(syms, d_atoms):
-                e = d_atoms.xreplace(case)
-                e = e.xreplace(self._param_subs(e.free_symbols))
+            for e in self._split(d_atoms, True):
                 if not _is_zero(normalise(e)):
                     return False
             return True
 
         def expanded():
-            syms = d_full.free_symbols
-            for case in self._case_values(syms, d_full):
-                e = d_full.xreplace(case)
-                e = rewrite_elementary(e)
-                e = e.xreplace(self._param_subs(e.free_symbols, atoms_ok=False))
+            for e in self._split(d_full, False, lambda x: _hyperbolic_to_exp(rewrite_elementary(x))):
                 reals = [s for s in e.free_symbols if isinstance(s, sp.Symbol) and not isinstance(s, sp.Dummy)
                          and s.is_real]
                 e, log_subs = _exp_to_rational(e, reals)
@@ -951,9 +1350,7 @@ class Prover:
             return True
 
         def simplified():
-            for case in self._case_values(d_full.free_symbols, d_full):
-                e = rewrite_elementary(d_full.xreplace(case))
-                e = e.xreplace(self._param_subs(e.free_symbols, atoms_ok=False))
+            for e in self._split(d_full, False, rewrite_elementary):
                 if sp.simplify(e) != 0:
                     return False
             return True
@@ -1012,8 +1409,7 @@ class Prover:
         except (RecursionError, MemoryError, OverflowError):
             scan = None
         if scan is not None and scan.cex is not None:
-            return Verdict(REFUTED, f"counterexample (mpmath, {scan.dps} and {2 * scan.dps} digits)", scan.cex,
-                           time.monotonic() - t0)
+            return _refuted(scan, t0)
         # 2. symbolic strategies
         tried = []
         for name, fn in self._strategies(L - R, Lf - Rf):
@@ -1073,8 +1469,7 @@ class Prover:
             return Verdict(UNPROVED, method, seconds=time.monotonic() - t0, tried=tried,
                            detail=f"numeric confirmation: {detail}; " + "; ".join(tried))
         if cex is not None:
-            return Verdict(REFUTED, f"counterexample (mpmath, {scan.dps} and {2 * scan.dps} digits)", cex,
-                           time.monotonic() - t0, tried=tried)
+            return _refuted(scan, t0, tried)
         drops = scan.describe_drops()
         if any(t.endswith("time limit") for t in tried):
             return Verdict(UNPROVED, "time limit", seconds=time.monotonic() - t0, tried=tried,

@@ -193,10 +193,19 @@ class Verifier:
         for deriv in df.derivations:
             prover = Prover(deriv.context, seed=self.seed, step_timeout=self.step_timeout,
                             deadline=self.deadline, instances=deriv.instances,
-                            instance_symbols=deriv.instance_symbols, strategies=self.strategies)
+                            instance_symbols=deriv.instance_symbols, strategies=self.strategies,
+                            assumptions=getattr(deriv, "assume", []))
             self._domains(fname, deriv, prover, report, path)
             for chain in deriv.chains:
-                n_err = self._chain(fname, deriv, chain, prover, report, n_err, path)
+                extra = getattr(chain, "assume", [])
+                if extra:  # the chain's own assumptions, for its checks only (new sample points too)
+                    saved = prover.assumptions, prover._points
+                    prover.assumptions, prover._points = saved[0] + list(extra), {}
+                try:
+                    n_err = self._chain(fname, deriv, chain, prover, report, n_err, path)
+                finally:
+                    if extra:
+                        prover.assumptions, prover._points = saved
         for c in report.checks[first:]:
             c.path, c.file_no = path, file_no
         for e in report.errata[first_err:]:
