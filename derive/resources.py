@@ -10,7 +10,7 @@ them through :mod:`importlib.resources`, and a checkout (an editable install, ``
 them at the top of the tree.
 
 Every file also has a *logical* path, the one it has in the repository
-(``templates/focal_kernels.c.j2``, ``derive/derivations/stable_forms.toml``): generated headers
+(``templates/kernels.c.j2``, ``derive/derivations/stable_forms.toml``): generated headers
 and the docs cite that path, so ``derive codegen`` from a wheel writes the same bytes as
 ``make codegen`` in a checkout.
 """

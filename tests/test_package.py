@@ -116,7 +116,7 @@ def test_the_sdist_holds_what_a_rebuild_needs(dist):
     with tarfile.open(dist[0]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for rel in ("pyproject.toml", "setup.py", "LICENSE", "README.md", "Makefile",
-                "templates/focal_kernels.c.j2", "templates/focal_kernels.h.j2", "templates/focal_kernels.py.j2",
+                "templates/kernels.c.j2", "templates/kernels.h.j2", "templates/kernels.py.j2",
                 "templates/docs/md/index.md.j2", "generated/focal_kernels.c", "generated/focal_kernels.h",
                 "generated/focal_kernels.py", "derive/derivations/focal_loss_note.toml",
                 "derive/derivations/stable_forms.toml", "derive/derivations/focal_loss_gradients.md",
@@ -127,7 +127,7 @@ def test_the_sdist_holds_what_a_rebuild_needs(dist):
 def test_the_wheel_carries_templates_generated_sources_and_the_note(dist):
     with zipfile.ZipFile(dist[1]) as whl:
         names = set(whl.namelist())
-        for rel in ("templates/focal_kernels.c.j2", "templates/docs/html/base.html.j2", "generated/focal_kernels.c",
+        for rel in ("templates/kernels.c.j2", "templates/docs/html/base.html.j2", "generated/focal_kernels.c",
                     "generated/focal_kernels.h", "generated/focal_kernels.py"):
             assert f"derive/_data/{rel}" in names, rel
             assert whl.read(f"derive/_data/{rel}") == (ROOT / rel).read_bytes(), f"{rel} differs from the checkout"

@@ -31,9 +31,9 @@ DEFAULT_OUT = Path("generated")
 
 #: generated file suffix -> template (the files are <module>.h, <module>.c, <module>.py)
 TEMPLATES = {
-    ".h": "focal_kernels.h.j2",
-    ".c": "focal_kernels.c.j2",
-    ".py": "focal_kernels.py.j2",
+    ".h": "kernels.h.j2",
+    ".c": "kernels.c.j2",
+    ".py": "kernels.py.j2",
 }
 #: the shipped file's module (its [file] module key)
 SHIPPED_MODULE = "focal_kernels"
