@@ -3,6 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+EXTRAS_STAMP := $(VENV)/.extras
+# `make test` also installs the optional frameworks, so that the derive.torch and derive.jax tests run
+# (they skip without them): `make test EXTRAS=` skips that.  torch is pinned to the CPU build this
+# project tests with (on a machine without that file pip downloads the default build: set TORCH=...)
+EXTRAS ?= 1
+TORCH  ?= torch==2.13.0
 
 .PHONY: venv verify test codegen accuracy bench docs fuzz clean
 
@@ -19,8 +25,14 @@ $(STAMP): pyproject.toml
 verify: $(STAMP)
 	$(PY) -m derive verify
 
-test: $(STAMP)
+test: $(STAMP) $(if $(EXTRAS),$(EXTRAS_STAMP))
 	$(PY) -m pytest
+
+# torch first, pinned: asked for by range alone, pip would take a newer (CUDA) build
+$(EXTRAS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet '$(TORCH)'
+	$(PY) -m pip install --quiet -e '.[test,docs,torch,jax,peers]'
+	touch $(EXTRAS_STAMP)
 
 codegen: $(STAMP)
 	$(PY) -m derive codegen
@@ -28,7 +40,7 @@ codegen: $(STAMP)
 accuracy: $(STAMP)
 	$(PY) -m derive accuracy
 
-bench: $(STAMP)
+bench: $(STAMP) $(EXTRAS_STAMP)
 	$(PY) -m derive bench
 
 docs: $(STAMP)
