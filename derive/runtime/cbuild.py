@@ -437,6 +437,14 @@ def _declare(lib, generated, module=DEFAULT_MODULE):
                     args += [ptr, ct] if (p == "alpha" and info["class_alpha"]) else [ct]
                 args.append(ctypes.c_int64)
             fn.argtypes = args + [ptr, ptr]
+            second = info.get("second")
+            if second is not None:  # the proved second derivative: hess (elementwise) or hvp (softmax)
+                sfn = getattr(lib, f"derive_{name}_{second}_{dt}")
+                sfn.restype = ctypes.c_int
+                if second == "hess":  # (n, x, t, params..., hess)
+                    sfn.argtypes = [ctypes.c_size_t, ptr, ptr] + [ct for _ in info["params"]] + [ptr]
+                else:  # (n, k, x, target or q, params... [, ignore_index], v, out): the forward's inputs, then v
+                    sfn.argtypes = args + [ptr, ptr]
     helpers = [("set_num_threads", [ctypes.c_int], ctypes.c_int), ("get_num_threads", [], ctypes.c_int),
                ("vector_math", [], ctypes.c_int)]
     for dt, ct in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
