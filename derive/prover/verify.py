@@ -20,6 +20,23 @@ def builtin_files() -> list[Path]:
     return sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml"))
 
 
+def _by_transitivity(e2e, steps) -> None:
+    """A chain's first line equals its last when every step between them is proved: equality is
+    transitive, and every step is proved on the same domains and assumptions as the end-to-end check.
+    The direct check runs first (its sample points are a second look at the steps); when it finds
+    no proof and no counterexample, the end-to-end check is proved by the chain.  A refuted direct
+    check with every step proved would mean a wrong proof somewhere: it stays refuted."""
+    if e2e is None or e2e.verdict.status in (PROVED, REFUTED):
+        return
+    if not steps or any(c.verdict.status != PROVED for c in steps):
+        return
+    v = e2e.verdict
+    e2e.verdict = Verdict(PROVED, method=f"transitivity: each of the chain's {len(steps)} steps proved",
+                          seconds=v.seconds + sum(c.verdict.seconds for c in steps),
+                          detail=f"the direct check was {v.status}" + (f" ({v.detail})" if v.detail else ""),
+                          tried=list(v.tried))
+
+
 @dataclass
 class Check:
     file: str
@@ -275,6 +292,7 @@ class Verifier:
 
         checks = [run("step", k - 1, k, written) for k in range(1, n)]
         e2e = run("end-to-end", 0, n - 1, written) if n >= 3 else None
+        _by_transitivity(e2e, checks)
         for k, c in enumerate(checks, start=1):
             if c.status == FAIL and c.message:
                 continue
@@ -305,6 +323,9 @@ class Verifier:
             if (k - 1) in marked or k in marked:
                 fixed_checks.append(run("corrected step", k - 1, k, fixed))
         fixed_e2e = run("corrected end-to-end", 0, n - 1, fixed) if n >= 3 else None
+        by_index = {c.index: c for c in checks}
+        by_index.update({c.index: c for c in fixed_checks})  # the corrected chain's steps
+        _by_transitivity(fixed_e2e, [by_index[k] for k in range(1, n)])
         for c in fixed_checks + ([fixed_e2e] if fixed_e2e else []):
             if not c.message:
                 c.status = self.status_of(c.verdict)
