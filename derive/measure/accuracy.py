@@ -511,8 +511,10 @@ def main(argv=None) -> int:
     summary = (f"{len(rows)} rows, {len(bad)} over the bounds (float32 {BOUNDS['float32']:g}, float64 "
                f"{BOUNDS['float64']:g}; conditioned kernels: bound*max(1, kappa)), {time.time() - t0:.1f} s")
     if args.json:
-        data = {"bounds": BOUNDS, "rows": [dict(asdict(r), ok=r.ok) for r in rows]}
-        text = json.dumps(data, indent=1, allow_nan=True)
+        def plain(v):  # strict JSON: a non-finite error (a NaN or inf computed) as the string "inf"/"nan"
+            return v if not isinstance(v, float) or np.isfinite(v) else str(v)
+        data = {"bounds": BOUNDS, "rows": [{k: plain(v) for k, v in dict(asdict(r), ok=r.ok).items()} for r in rows]}
+        text = json.dumps(data, indent=1, allow_nan=False)
         if args.json == "-":
             print(text)
         else:
