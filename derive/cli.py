@@ -24,7 +24,8 @@ DIST_NAME = "derive-gradients"
 FORWARDED = {
     "codegen": ("derive.codegen", "generate the [[kernel]]s of stable_forms.toml or FILE... into ./generated or --out DIR"),
     "docs": ("derive.docs", "write the documentation of every step into ./docs (or --out DIR)"),
-    "accuracy": ("derive.measure.accuracy", "measure every kernel against mpmath references (--quick: a short run)"),
+    "accuracy": ("derive.measure.accuracy", "measure every kernel (of FILE..., else the shipped files) against mpmath "
+                 "references of its original definitions (--quick: a short run)"),
     "bench": ("derive.measure.bench", "time the kernels beside NumPy, PyTorch and JAX, and the verifier"),
 }
 
