@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -479,8 +480,6 @@ def main(argv=None) -> int:
     from derive.language.loader import DerivationFileError
 
     for path in args.files:
-        import os
-
         if not os.path.isfile(path):
             parser.error(f"{path}: no such file")
     try:

@@ -45,7 +45,7 @@ import mpmath
 import numpy as np
 import sympy as sp
 
-from derive.language.functions import D, expm1, log1p, rewrite_elementary
+from derive.language.functions import D, rewrite_elementary
 from derive.language.loader import load_file
 
 #: digits kept beyond those the exponentials cost
