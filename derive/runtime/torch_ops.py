@@ -1,0 +1,450 @@
+"""PyTorch custom ops over the generated C kernels: the implementation of :mod:`derive.torch`.
+
+Every kernel of a generated module (the shipped files' ``generated/<module>.*``, or a user's
+file rendered by :func:`derive.load`) becomes two ``torch.library.custom_op`` ops in the
+namespace ``derive``:
+
+* ``<prefix><kernel>``: ``(x, target, <params>) -> (loss, grad)``, the kernel's fused pass: the
+  loss per element (elementwise) or per row (softmax, x of shape (M, K)) and its gradient with
+  respect to x.  Its autograd (``register_autograd``) is ``dx = g_loss * grad`` from the saved
+  gradient (no second pass), plus, when the saved gradient is itself differentiated (double
+  backward), the second op applied to that gradient's incoming gradient.
+* ``<prefix><kernel>_hess`` (elementwise: ``d grad_i / d x_i``, the proved second derivative)
+  or ``<prefix><kernel>_hvp`` (softmax: the Hessian of each row's loss times a vector ``v``),
+  from the generated ``derive_<kernel>_hess_<dt>`` / ``derive_<kernel>_hvp_<dt>``.  The HVP's own
+  gradient with respect to ``v`` is the HVP again (the Hessian is symmetric), which is what
+  ``torch.autograd.functional.hvp`` needs; a third derivative in x is not derived and raises.
+
+``<prefix>`` is ``<module>_`` for a shipped module and ``u<digest>_`` (the generated C source's
+digest) for a user's file, so that two files never register the same name and loading one file
+twice reuses its ops.  ``register_fake`` gives shapes and dtypes (torch.compile, meta tensors).
+
+The ops take CPU tensors of float32 or float64 and pass their data pointers to the C library
+(:mod:`derive.runtime.cbuild`): contiguous inputs are not copied; non-contiguous ones are made
+contiguous (one copy); targets of another dtype are converted to the logits' (one copy).
+float16 and bfloat16 are handled by :mod:`derive.torch`'s functions, which compute in float32.
+"""
+from __future__ import annotations
+
+import ctypes
+import keyword
+
+import torch
+
+from derive.runtime import cbuild
+from derive.runtime import losses
+
+_ELABEL = 2  # DERIVE_ELABEL: a label neither 0 nor 1 (a soft kernel: a target outside [0, 1]), outputs written
+_SOFT_PROBE = 4096  # targets looked at before a binary kernel that has a soft version (not a full pass)
+_DT = {torch.float32: "f32", torch.float64: "f64"}
+_CT = {"f32": ctypes.c_float, "f64": ctypes.c_double}
+# argument names the schema of an op uses itself (or that torch's schema language reserves)
+_RESERVED = {"x", "target", "alpha_vec", "ignore_index", "v", "out", "self", "Tensor", "float", "int", "bool"}
+
+
+class ThirdDerivativeError(RuntimeError):
+    """A third derivative was asked for: the derivation files prove the loss, its gradient and
+    its second derivative, nothing beyond."""
+
+
+# ------------------------------------------------------------------------------------------
+# the C functions, with argument types of our own (pointers as void*: data_ptr() goes straight in)
+
+_FUNCS: dict = {}
+
+
+def _cfunc(src, cname, kinds):
+    """``(lib, fn)``: the C function ``cname`` of the module ``src`` = (folder, module), with
+    argtypes from ``kinds`` ('n' size_t, 'p' pointer, 'f' a float of the dtype of ``cname``'s
+    suffix, 'i' int64).  A fresh function object (``lib[cname]``), so cbuild's own declarations
+    (ctypes pointers, for NumPy callers) stay as they are."""
+    lib = cbuild.load(*src)  # built on first use; the same object while the files stay the same
+    key = (id(lib), cname)
+    entry = _FUNCS.get(key)
+    if entry is None:
+        ct = _CT[cname.rsplit("_", 1)[1]]
+        types = {"n": ctypes.c_size_t, "p": ctypes.c_void_p, "f": ct, "i": ctypes.c_int64}
+        try:
+            fn = lib[cname]
+        except AttributeError:
+            raise cbuild.BuildError(f"the C kernels of {src[1]} define no {cname}: regenerate them") from None
+        fn.argtypes = [types[k] for k in kinds]
+        fn.restype = ctypes.c_int
+        entry = _FUNCS[key] = (lib, fn)
+    return entry
+
+
+def _threads(lib):
+    lib.derive_set_num_threads(torch.get_num_threads())  # torch's intra-op setting, per calling thread
+
+
+# ------------------------------------------------------------------------------------------
+# checks inside the ops (each error one line naming the argument)
+
+
+def _check_logits(x, op, ndim=None):
+    if x.dtype not in _DT:
+        raise TypeError(f"{op}: x must be float32 or float64, got {x.dtype} (derive.torch's functions compute "
+                        "float16 and bfloat16 in float32)")
+    if x.device.type != "cpu":
+        raise ValueError(f"{op}: the derive kernels run on CPU tensors, got x on {x.device}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{op}: x must be {'(M, K) rows' if ndim == 2 else f'{ndim}-d'}, got shape {tuple(x.shape)}")
+
+
+def _same_shape(a, x, name, op):
+    if tuple(a.shape) != tuple(x.shape):
+        raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, but x has shape {tuple(x.shape)}")
+    if a.device.type != "cpu":
+        raise ValueError(f"{op}: the derive kernels run on CPU tensors, got {name} on {a.device}")
+
+
+def _first(mask, values):
+    """The first value of ``values`` where ``mask`` holds (the caller knows there is one)."""
+    return values.reshape(-1)[mask.reshape(-1).nonzero()[0, 0]].item()
+
+
+def _not_binary(t):
+    return ~((t == 0) | (t == 1))
+
+
+def _not_soft(t):
+    return ~((t >= 0) & (t <= 1))  # NaN included
+
+
+def _elementwise_targets(t, x, op):
+    _same_shape(t, x, "t", op)
+    if t.dtype.is_complex or not (t.dtype.is_floating_point or t.dtype in (torch.bool, torch.uint8, torch.int8,
+                                                                            torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"{op}: t must hold numeric targets, got dtype {t.dtype}")
+    return t.to(x.dtype).contiguous()  # no copy when already of the logits' dtype and contiguous
+
+
+def _class_targets(target, m, op):
+    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{op}: target must hold integer class indices, got dtype {target.dtype}")
+    if tuple(target.shape) != (m,):
+        raise ValueError(f"{op}: target must have shape ({m},) (one class index per row of x), "
+                         f"got {tuple(target.shape)}")
+    return target.to(torch.int64).contiguous()
+
+
+def _bad_class(target, k, ignore_index, op):
+    bad = (target != ignore_index) & ((target < 0) | (target >= k))
+    if bool(bad.any()):
+        return ValueError(f"{op}: target must hold class indices in [0, {k}) or ignore_index={ignore_index}, "
+                          f"found {_first(bad, target)}")
+    return None
+
+
+def _alpha_vec(alpha_vec, x, op):
+    if alpha_vec is None:
+        return None
+    if tuple(alpha_vec.shape) != (x.shape[1],):
+        raise ValueError(f"{op}: the per-class weights must have shape ({x.shape[1]},), one per class, "
+                         f"got {tuple(alpha_vec.shape)}")
+    return alpha_vec.to(x.dtype).contiguous()
+
+
+def _bad_alpha(alpha_vec, op):
+    if alpha_vec is None:
+        return None
+    bad = ~((alpha_vec >= 0) & (alpha_vec <= 1))
+    if bool(bad.any()):
+        return ValueError(f"{op}: the per-class weights (alpha) must be in [0, 1] for every class, found "
+                          f"{_first(bad, alpha_vec)!r}")
+    return None
+
+
+def _ptr(t):
+    return t.data_ptr() if t is not None else None
+
+
+# ------------------------------------------------------------------------------------------
+# one kernel's ops
+
+
+class KernelOps:
+    """The custom ops of one kernel of a generated module, and how to call them.
+
+    ``layout`` is "elementwise", "class_index" or "class_probs"; ``params`` the kernel's declared
+    scalar parameters in order (a per-class ``alpha`` is the op's ``alpha_vec`` tensor beside
+    its scalar ``alpha``); ``info`` its row of the module's KERNELS table."""
+
+    def __init__(self, name, src, prefix):
+        self.name = name
+        self.src = (src[0], src[1])
+        self.info = info = cbuild.load_numpy_module(*self.src).KERNELS[name]
+        self.params = tuple(info["params"])
+        self.class_alpha = bool(info["class_alpha"])
+        if info["kind"] == "elementwise":
+            self.layout = "elementwise"
+        else:
+            self.layout = "class_probs" if info.get("target") == "class_probs" else "class_index"
+        self.soft = info.get("soft") if self.layout == "elementwise" else None
+        self.second = info.get("second")
+        self.qualname = f"derive::{prefix}{name}"
+        self._build()
+
+    # the C argument lists ------------------------------------------------------------------
+
+    def _kinds(self, second):
+        """The argument kinds of the C function (see :func:`_cfunc`)."""
+        fl = ["f"] * len(self.params)
+        if self.layout == "elementwise":
+            return ["n", "p", "p", *fl, "p"] + ([] if second else ["p"])
+        if self.layout == "class_probs":
+            return ["n", "n", "p", "p", *fl, "p", "p"]
+        scal = []
+        for p in self.params:
+            scal += ["p", "f"] if (self.class_alpha and p == "alpha") else ["f"]
+        return ["n", "n", "p", "p", *scal, "i", "p", "p"]
+
+    def _c(self, kernel, second, dt):
+        suffix = f"_{self.second}" if second else ""
+        return _cfunc(self.src, f"derive_{kernel}{suffix}_{dt}", self._kinds(second))
+
+    def _c_params(self, alpha_vec, params):
+        out = []
+        for p, value in zip(self.params, params):
+            if self.class_alpha and p == "alpha":
+                out += [_ptr(alpha_vec), value]
+            else:
+                out.append(value)
+        return out
+
+    # the implementations ----------------------------------------------------------------------
+
+    def _elementwise(self, x, t, params, second, v=None):
+        """Run the kernel (or its soft version, for targets that are not all 0 or 1): (loss, grad),
+        or the hess values when ``second``."""
+        op = self.qualname
+        _check_logits(x, op)
+        x = x.contiguous()
+        t = _elementwise_targets(t, x, op)
+        dt = _DT[x.dtype]
+        outs = [torch.empty(x.shape, dtype=x.dtype)] if second else [torch.empty(x.shape, dtype=x.dtype),
+                                                                     torch.empty(x.shape, dtype=x.dtype)]
+        n = x.numel()
+
+        def run(kernel):
+            lib, fn = self._c(kernel, second, dt)
+            _threads(lib)
+            return fn(n, _ptr(x), _ptr(t), *params, *map(_ptr, outs))
+
+        kernel = self.name
+        if self.soft and n > _SOFT_PROBE and bool(_not_binary(t.reshape(-1)[:_SOFT_PROBE]).any()):
+            kernel = self.soft  # soft targets among the first values: no wasted binary pass
+        rc = run(kernel)
+        if rc == _ELABEL:
+            if self.info.get("target") == "soft" or kernel == self.soft:
+                bad = _not_soft(t)
+                if bool(bad.any()):
+                    raise losses._soft_error("targets", _first(bad, t))
+            elif self.soft is None:
+                raise losses._binary_error(self.info, "targets", _first(_not_binary(t), t))
+            else:
+                bad = _not_soft(t)
+                if bool(bad.any()):
+                    raise losses._soft_error("targets", _first(bad, t))
+                kernel = self.soft
+                rc = run(kernel)
+        if rc != 0:
+            raise ValueError(f"{op}: the C kernel {kernel} rejected its arguments (code {rc}; parameters {params})")
+        return outs[0] if second else (outs[0], outs[1])
+
+    def _rows(self, x, target, alpha_vec, params, ignore_index, second, v=None):
+        op = self.qualname
+        _check_logits(x, op, ndim=2)
+        x = x.contiguous()
+        m, k = x.shape
+        if self.layout == "class_probs":
+            _same_shape(target, x, "q", op)
+            if not target.dtype.is_floating_point:
+                raise TypeError(f"{op}: q must hold class probabilities (floats), got dtype {target.dtype}")
+            target = target.to(x.dtype).contiguous()
+            tail = []
+        else:
+            target = _class_targets(target, m, op)
+            alpha_vec = _alpha_vec(alpha_vec, x, op)
+            tail = [ignore_index]
+        if second:
+            _same_shape(v, x, "v", op)
+            v = v.to(x.dtype).contiguous()
+            outs = [v, torch.empty(x.shape, dtype=x.dtype)]
+        else:
+            outs = [torch.empty((m,), dtype=x.dtype), torch.empty(x.shape, dtype=x.dtype)]
+        lib, fn = self._c(self.name, second, _DT[x.dtype])
+        _threads(lib)
+        rc = fn(m, k, _ptr(x), _ptr(target), *self._c_params(alpha_vec, params), *tail, *map(_ptr, outs))
+        if rc != 0:
+            if self.layout == "class_probs":
+                bad = _not_soft(target)
+                if bool(bad.any()):
+                    raise ValueError(f"{op}: q must hold class probabilities in [0, 1], found {_first(bad, target)!r}")
+            else:
+                err = _bad_class(target, k, ignore_index, op) or _bad_alpha(alpha_vec, op)
+                if err is not None:
+                    raise err
+            raise ValueError(f"{op}: the C kernel {self.name} rejected its arguments (code {rc}; parameters {params})")
+        return outs[1] if second else (outs[0], outs[1])
+
+    # the ops ----------------------------------------------------------------------------------
+
+    def _arg_names(self):
+        names = []
+        for i, p in enumerate(self.params):
+            ok = p.isidentifier() and not keyword.iskeyword(p) and p not in _RESERVED
+            names.append(p if ok else f"p{i}_{p}")
+        return names
+
+    def _schema(self, second):
+        floats = [f"float {n}" for n in self._arg_names()]
+        if self.layout == "elementwise":
+            args = ["Tensor x", "Tensor t", *floats]
+        elif self.layout == "class_probs":
+            args = ["Tensor x", "Tensor q", *floats]
+        else:
+            args = ["Tensor x", "Tensor target"] + (["Tensor? alpha_vec"] if self.class_alpha else []) + floats + [
+                "int ignore_index"]
+        if second and self.layout != "elementwise":
+            args.append("Tensor v")
+        return "(" + ", ".join(args) + ") -> " + ("Tensor" if second else "(Tensor, Tensor)")
+
+    def _split(self, args):
+        """(x, target, alpha_vec, params, ignore_index, v) from an op's positional arguments."""
+        x, target = args[0], args[1]
+        i = 2
+        alpha_vec = None
+        if self.layout == "class_index" and self.class_alpha:
+            alpha_vec = args[2]
+            i = 3
+        params = tuple(args[i:i + len(self.params)])
+        i += len(self.params)
+        ignore_index = None
+        if self.layout == "class_index":
+            ignore_index = args[i]
+            i += 1
+        v = args[i] if i < len(args) else None
+        return x, target, alpha_vec, params, ignore_index, v
+
+    def _build(self):
+        kernel = self
+
+        def fwd_impl(*args):
+            x, target, alpha_vec, params, ii, _ = kernel._split(args)
+            if kernel.layout == "elementwise":
+                return kernel._elementwise(x, target, params, False)
+            return kernel._rows(x, target, alpha_vec, params, ii, False)
+
+        def fwd_fake(*args):
+            x = args[0]
+            loss_shape = x.shape if kernel.layout == "elementwise" else x.shape[:1]
+            return x.new_empty(loss_shape), x.new_empty(x.shape)
+
+        self.op = torch.library.custom_op(self.qualname, mutates_args=(), device_types="cpu",
+                                          schema=self._schema(False))(fwd_impl)
+        self.op.register_fake(fwd_fake)
+        self.op2 = None
+        if self.second is not None:
+            def second_impl(*args):
+                x, target, alpha_vec, params, ii, v = kernel._split(args)
+                if kernel.layout == "elementwise":
+                    return kernel._elementwise(x, target, params, True)
+                return kernel._rows(x, target, alpha_vec, params, ii, True, v)
+
+            def second_fake(*args):
+                return args[0].new_empty(args[0].shape)
+
+            self.op2 = torch.library.custom_op(f"{self.qualname}_{self.second}", mutates_args=(), device_types="cpu",
+                                               schema=self._schema(True))(second_impl)
+            self.op2.register_fake(second_fake)
+            self.op2.register_autograd(self._second_backward, setup_context=self._second_setup)
+        self.op.register_autograd(self._backward, setup_context=self._setup)
+
+    # autograd ---------------------------------------------------------------------------------
+
+    def _setup(self, ctx, inputs, output):
+        x, target, alpha_vec, params, ii, _ = self._split(inputs)
+        ctx.set_materialize_grads(False)  # the gradient output unused (first order): None, no HVP computed
+        ctx.save_for_backward(x, target, alpha_vec, output[1])
+        ctx.rest = (params, ii)
+        ctx.n_inputs = len(inputs)
+
+    def _second_args(self, x, target, alpha_vec, params, ii, v=None):
+        if self.layout == "elementwise":
+            return (x, target, *params)
+        if self.layout == "class_probs":
+            return (x, target, *params, v)
+        return (x, target, *((alpha_vec,) if self.class_alpha else ()), *params, ii, v)
+
+    def _backward(self, ctx, g_loss, g_grad):
+        x, target, alpha_vec, grad = ctx.saved_tensors
+        params, ii = ctx.rest
+        dx = None
+        if g_loss is not None:
+            dx = g_loss * grad if self.layout == "elementwise" else g_loss.unsqueeze(-1) * grad
+        if g_grad is not None:  # the gradient output is differentiated: double backward
+            if self.op2 is None:
+                raise ThirdDerivativeError(f"kernel {self.name!r} declares no second derivative (hess, dcoef or "
+                                           "d2term in its [[kernel]] table): its gradient cannot be differentiated")
+            if self.layout == "elementwise":
+                term = g_grad * self.op2(*self._second_args(x, target, alpha_vec, params, ii))
+            else:
+                term = self.op2(*self._second_args(x, target, alpha_vec, params, ii, g_grad))
+            dx = term if dx is None else dx + term
+        return (dx,) + (None,) * (ctx.n_inputs - 1)
+
+    def _second_setup(self, ctx, inputs, output):
+        x, target, alpha_vec, params, ii, v = self._split(inputs)
+        ctx.save_for_backward(x, target, alpha_vec)
+        ctx.rest = (params, ii)
+        ctx.n_inputs = len(inputs)
+
+    def _second_backward(self, ctx, g_out):
+        x, target, alpha_vec = ctx.saved_tensors
+        params, ii = ctx.rest
+        if ctx.needs_input_grad[0] and _engine_needs(x):
+            raise ThirdDerivativeError(f"third derivatives of kernel {self.name!r} are not derived (its file proves the "
+                                       "loss, the gradient and the second derivative): differentiate at most twice "
+                                       "with respect to the logits")
+        grads = [None] * ctx.n_inputs
+        if self.layout != "elementwise" and ctx.needs_input_grad[-1] and g_out is not None:
+            # d(H v)/dv = H, symmetric: the HVP of the incoming gradient (torch.autograd.functional.hvp)
+            grads[-1] = self.op2(*self._second_args(x, target, alpha_vec, params, ii, g_out))
+        return tuple(grads)
+
+
+def _engine_needs(x) -> bool:
+    """Whether the running backward pass will use a gradient for ``x`` (a third derivative),
+    as torch.utils.checkpoint asks it; True where that cannot be told."""
+    try:
+        if x.grad_fn is not None:
+            node = x.grad_fn
+        else:
+            with torch.enable_grad():
+                node = x.view_as(x).grad_fn.next_functions[0][0]  # the leaf's gradient accumulator
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):
+        return True
+
+
+_OPS: dict = {}  # qualified op name -> KernelOps (an op name is registered once per process)
+
+
+def kernel_ops(name, src, prefix) -> KernelOps:
+    """The ops of kernel ``name`` of the generated module ``src`` = (folder, module), registered
+    on first use under ``derive::<prefix><name>``."""
+    qual = f"derive::{prefix}{name}"
+    ops = _OPS.get(qual)
+    if ops is None:
+        ops = _OPS[qual] = KernelOps(name, src, prefix)
+    return ops
+
+
+def prefix_of(src, shipped: bool) -> str:
+    """``<module>_`` for a shipped module; ``u<source digest>_`` for a user's file (its generated
+    header's DERIVE_<MODULE>_SOURCE: the same file gives the same ops, two files never clash)."""
+    if shipped:
+        return f"{src[1]}_"
+    return f"u{cbuild.source_digest(src[0], src[1])}_{src[1]}_"
