@@ -36,6 +36,7 @@ from derive.runtime import losses
 
 _ELABEL = 2  # DERIVE_ELABEL: a label neither 0 nor 1 (a soft kernel: a target outside [0, 1]), outputs written
 _SOFT_PROBE = 4096  # targets looked at before a binary kernel that has a soft version (not a full pass)
+_PARALLEL_MIN = 32768  # DERIVE_PARALLEL_MIN of the generated headers: smaller calls run on one thread
 _DT = {torch.float32: "f32", torch.float64: "f64"}
 _CT = {"f32": ctypes.c_float, "f64": ctypes.c_double}
 # argument names the schema of an op uses itself (or that torch's schema language reserves)
@@ -72,10 +73,6 @@ def _cfunc(src, cname, kinds):
         fn.restype = ctypes.c_int
         entry = _FUNCS[key] = (lib, fn)
     return entry
-
-
-def _threads(lib):
-    lib.derive_set_num_threads(torch.get_num_threads())  # torch's intra-op setting, per calling thread
 
 
 # ------------------------------------------------------------------------------------------
@@ -184,6 +181,7 @@ class KernelOps:
         self.soft = info.get("soft") if self.layout == "elementwise" else None
         self.second = info.get("second")
         self.qualname = f"derive::{prefix}{name}"
+        self._kind_cache = {}
         self._build()
 
     # the C argument lists ------------------------------------------------------------------
@@ -200,9 +198,17 @@ class KernelOps:
             scal += ["p", "f"] if (self.class_alpha and p == "alpha") else ["f"]
         return ["n", "n", "p", "p", *scal, "i", "p", "p"]
 
-    def _c(self, kernel, second, dt):
+    def _c(self, kernel, second, dt, work):
+        """The C function, its library's thread count set to torch's for calls large enough to
+        use threads (``work`` values; smaller ones run on one thread whatever it is)."""
+        kinds = self._kind_cache.get(second)
+        if kinds is None:
+            kinds = self._kind_cache[second] = self._kinds(second)
         suffix = f"_{self.second}" if second else ""
-        return _cfunc(self.src, f"derive_{kernel}{suffix}_{dt}", self._kinds(second))
+        lib, fn = _cfunc(self.src, f"derive_{kernel}{suffix}_{dt}", kinds)
+        if work >= _PARALLEL_MIN:
+            lib.derive_set_num_threads(torch.get_num_threads())  # torch's intra-op setting, per calling thread
+        return fn
 
     def _c_params(self, alpha_vec, params):
         out = []
@@ -219,18 +225,21 @@ class KernelOps:
         """Run the kernel (or its soft version, for targets that are not all 0 or 1): (loss, grad),
         or the hess values when ``second``."""
         op = self.qualname
-        _check_logits(x, op)
-        x = x.contiguous()
-        t = _elementwise_targets(t, x, op)
-        dt = _DT[x.dtype]
-        outs = [torch.empty(x.shape, dtype=x.dtype)] if second else [torch.empty(x.shape, dtype=x.dtype),
-                                                                     torch.empty(x.shape, dtype=x.dtype)]
+        dt = _DT.get(x.dtype)
+        if dt is None or not x.is_cpu:
+            _check_logits(x, op)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if t.dtype != x.dtype or t.shape != x.shape or not t.is_cpu or not t.is_contiguous():
+            t = _elementwise_targets(t, x, op)
+        shape, dtype = x.shape, x.dtype
+        outs = [torch.empty(shape, dtype=dtype)] if second else [torch.empty(shape, dtype=dtype),
+                                                                 torch.empty(shape, dtype=dtype)]
         n = x.numel()
+        ptrs = [o.data_ptr() for o in outs]
 
         def run(kernel):
-            lib, fn = self._c(kernel, second, dt)
-            _threads(lib)
-            return fn(n, _ptr(x), _ptr(t), *params, *map(_ptr, outs))
+            return self._c(kernel, second, dt, n)(n, x.data_ptr(), t.data_ptr(), *params, *ptrs)
 
         kernel = self.name
         if self.soft and n > _SOFT_PROBE and bool(_not_binary(t.reshape(-1)[:_SOFT_PROBE]).any()):
@@ -274,8 +283,7 @@ class KernelOps:
             outs = [v, torch.empty(x.shape, dtype=x.dtype)]
         else:
             outs = [torch.empty((m,), dtype=x.dtype), torch.empty(x.shape, dtype=x.dtype)]
-        lib, fn = self._c(self.name, second, _DT[x.dtype])
-        _threads(lib)
+        fn = self._c(self.name, second, _DT[x.dtype], m * k)
         rc = fn(m, k, _ptr(x), _ptr(target), *self._c_params(alpha_vec, params), *tail, *map(_ptr, outs))
         if rc != 0:
             if self.layout == "class_probs":
@@ -367,6 +375,8 @@ class KernelOps:
     def _setup(self, ctx, inputs, output):
         x, target, alpha_vec, params, ii, _ = self._split(inputs)
         ctx.set_materialize_grads(False)  # the gradient output unused (first order): None, no HVP computed
+        if self.op2 is None:  # no second derivative declared: the gradient output is a constant to autograd,
+            ctx.mark_non_differentiable(output[1])  # and _backward refuses create_graph (see there)
         ctx.save_for_backward(x, target, alpha_vec, output[1])
         ctx.rest = (params, ii)
         ctx.n_inputs = len(inputs)
@@ -381,13 +391,15 @@ class KernelOps:
     def _backward(self, ctx, g_loss, g_grad):
         x, target, alpha_vec, grad = ctx.saved_tensors
         params, ii = ctx.rest
+        if self.op2 is None and (g_grad is not None or torch.is_grad_enabled()):
+            # create_graph=True would differentiate g_loss * grad with grad a constant: a wrong second derivative
+            raise ThirdDerivativeError(f"kernel {self.name!r} declares no second derivative (hess, dcoef or d2term "
+                                       "in its [[kernel]] table): its gradient cannot be differentiated "
+                                       "(backward with create_graph=True, double backward, HVPs)")
         dx = None
         if g_loss is not None:
             dx = g_loss * grad if self.layout == "elementwise" else g_loss.unsqueeze(-1) * grad
         if g_grad is not None:  # the gradient output is differentiated: double backward
-            if self.op2 is None:
-                raise ThirdDerivativeError(f"kernel {self.name!r} declares no second derivative (hess, dcoef or "
-                                           "d2term in its [[kernel]] table): its gradient cannot be differentiated")
             if self.layout == "elementwise":
                 term = g_grad * self.op2(*self._second_args(x, target, alpha_vec, params, ii))
             else:
