@@ -38,6 +38,7 @@ nothing, instead of turning every parameter into NaN.
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 
 import torch
@@ -103,6 +104,9 @@ def _rows(x):
     if x.dim() == 0:
         raise ValueError("input must be (N, K) or (N, K, d1, ...) logits (classes on axis 1) or one row (K,), "
                          "got a 0-d tensor")
+    if x.shape[1 if x.dim() >= 2 else 0] == 0:
+        raise ValueError(f"input must have at least one class (K >= 1 on axis {1 if x.dim() >= 2 else 0}), got shape "
+                         f"{tuple(x.shape)}")
     if x.dim() == 1:
         return x.unsqueeze(0), ()
     if x.dim() == 2:
@@ -147,8 +151,36 @@ def _shipped_ops(kernel) -> KernelOps:
     return _all().ops(kernel)
 
 
+def _scalar(name, value):
+    """A finite real number (pure Python: torch.compile traces it without NumPy)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def _param(ops, name, value, allow_off=False, label=None):
-    return _losses._param(ops.info, name, value, allow_off=allow_off, label=label)
+    """A scalar parameter checked against its domain in the derivation file (the checks and
+    messages of derive.runtime.losses); ``label``: the name the caller knows it by."""
+    label = label or name
+    value = _scalar(label, value)
+    if allow_off and value < 0:
+        return value
+    dom = ops.info["domains"][name]
+    if not _losses._in_domain(value, dom):
+        extra = " (or negative for no weighting)" if allow_off else ""
+        raise ValueError(f"{label} must be {_losses._describe(dom)}{extra}, got {value:g}")
+    return value
+
+
+def _scalar_params(ops, params):
+    """The declared scalar parameters in the kernel's order (``params``: name -> value); a
+    no_weight_below_zero one may be negative, a per-class alpha is checked by the kernel."""
+    info = ops.info
+    return tuple(params[n] if (ops.class_alpha and n == "alpha") else
+                 _param(ops, n, params[n], allow_off=n in info["no_weight_below_zero"]) for n in ops.params)
 
 
 # ------------------------------------------------------------------------------------------
@@ -160,7 +192,7 @@ def _elementwise(ops, inputs, targets, values, reduction):
     t = _targets(targets)
     if tuple(t.shape) != tuple(x.shape):
         raise ValueError(f"target has shape {tuple(t.shape)}, but input has shape {tuple(x.shape)}")
-    loss = ops.op(x, t, *values)[0]
+    loss = ops.apply(x, t, *values)[0]
     return _reduce(loss, reduction).to(dtype)
 
 
@@ -176,7 +208,7 @@ def _class_index(ops, inputs, targets, alpha_vec, values, ignore_index, reductio
                          f"for {ops.info['title']}: no kernel declares them; give class indices of shape {lead}")
     flat = _class_targets(t, x, lead)
     args = (rows, flat) + ((alpha_vec,) if ops.class_alpha else ()) + tuple(values) + (ignore_index,)
-    loss = ops.op(*args)[0]
+    loss = ops.apply(*args)[0]
     count = None
     if reduction == "mean":
         valid = flat != ignore_index
@@ -193,7 +225,7 @@ def _class_probs(ops, inputs, targets, values, reduction, valid=None):
     x, dtype = _logits(inputs)
     rows, lead = _rows(x)
     q = targets
-    loss = ops.op(rows, q, *values)[0]
+    loss = ops.apply(rows, q, *values)[0]
     count = None
     if valid is not None:
         loss = loss * valid.to(loss.dtype)
@@ -270,7 +302,7 @@ def _kernel_function(ops, sig, numpy_doc):
                 a[key] = defaults[key]
         reduction = _reduction(a["reduction"])
         if ops.layout == "elementwise":
-            values = _losses._scalar_params(ops.info, a)
+            values = _scalar_params(ops, a)
             return _elementwise(ops, inputs, targets, values, reduction)
         if ops.layout == "class_probs":
             values = tuple(_param(ops, p, a[p]) for p in ops.params)
@@ -284,15 +316,20 @@ def _kernel_function(ops, sig, numpy_doc):
         alpha_vec = None
         if ops.class_alpha:
             params["alpha"], alpha_vec = _class_alpha(ops, a.get("alpha"), inputs)
-        values = _losses._scalar_params(ops.info, params)
+        values = _scalar_params(ops, params)
         return _class_index(ops, inputs, targets, alpha_vec, values, _ignore_index(a["ignore_index"]), reduction)
 
     kernel.__name__ = kernel.__qualname__ = name
     kernel.__signature__ = sig
-    kernel.__doc__ = (numpy_doc or "").replace(
+    doc = (numpy_doc or "").replace("array_like of float32 or float64", "torch.Tensor (CPU) of float32, float64, "
+                                    "float16 or bfloat16 (those two computed in float32)")
+    doc = doc.replace("array_like", "torch.Tensor")
+    kernel.__doc__ = doc.replace(
         "backend : \"auto\", \"c\" or \"numpy\"; return_grad, threads, out: as for derive.runtime.losses",
-        "inputs and targets are torch tensors (CPU; float16/bfloat16 computed in float32); "
-        "autograd and double backward through derive.torch's custom ops")
+        (f"Through the custom ops {ops.qualname} (loss and fused gradient) and {ops.qualname}_{ops.second} "
+         "(double backward)" if ops.second else
+         f"Through the custom op {ops.qualname} (loss and fused gradient); no second derivative is declared, so "
+         "double backward raises ThirdDerivativeError") + "; targets and parameters are not differentiated.")
     return kernel
 
 
@@ -356,7 +393,7 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     for ``alpha < 0``; gamma >= 0.  ``reduction``: "none", "mean" or "sum".  Finite loss and
     gradients at saturated logits (x_t = 40, gamma = 0.5), where torchvision's formula gives NaN."""
     ops = _shipped_ops("sigmoid_focal_alpha")
-    values = _losses._scalar_params(ops.info, {"alpha": alpha, "gamma": gamma})
+    values = _scalar_params(ops, {"alpha": alpha, "gamma": gamma})
     if reduction not in _REDUCTIONS:
         raise ValueError(f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: 'none', "
                          "'mean', 'sum'")
@@ -391,7 +428,7 @@ def softmax_focal_loss(input: torch.Tensor, target: torch.Tensor, alpha=None, ga
     ops = _shipped_ops("softmax_focal")
     reduction = _reduction(reduction)
     a, alpha_vec = _class_alpha(ops, alpha, input)
-    values = _losses._scalar_params(ops.info, {"alpha": a, "gamma": gamma})
+    values = _scalar_params(ops, {"alpha": a, "gamma": gamma})
     return _class_index(ops, input, target, alpha_vec, values, _ignore_index(ignore_index), reduction)
 
 
@@ -407,7 +444,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     rows.  ``weight`` together with class probabilities or label_smoothing is not supported (no
     kernel declares it: ValueError).  A mean over no rows is 0, not torch's NaN."""
     reduction = _reduction(reduction)
-    smoothing = _losses._scalar("label_smoothing", label_smoothing)
+    smoothing = _scalar("label_smoothing", label_smoothing)
     x, _ = _logits(input)
     t = _targets(target)
     probs = _is_probs(t, x)
@@ -443,7 +480,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     def weights(flat, valid):
         return (scaled[torch.where(valid, flat, torch.zeros_like(flat))] * valid.to(scaled.dtype)).sum()
 
-    values = _losses._scalar_params(ops.info, {"alpha": 1.0, "gamma": 0.0})
+    values = _scalar_params(ops, {"alpha": 1.0, "gamma": 0.0})
     return _class_index(ops, input, t, scaled, values, ii, reduction, weights=weights, scale=top)
 
 
@@ -509,8 +546,8 @@ _KERNELS: list = []
 
 
 def _all() -> TorchKernels:
-    """Every kernel of every shipped file, its ops registered on first use (it reads the shipped
-    files' [[kernel]] tables, which ``import derive.torch`` need not wait for)."""
+    """Every kernel of every shipped file (their ops registered at import: torch.compile cannot
+    trace the reading of the shipped files' [[kernel]] tables inside a compiled function)."""
     if not _KERNELS:
         from derive.runtime import kernel_files
 
@@ -518,10 +555,8 @@ def _all() -> TorchKernels:
     return _KERNELS[0]
 
 
-def __getattr__(name):  # PEP 562: ``derive.torch.kernels``, built on first use
-    if name == "kernels":
-        return _all()
-    raise AttributeError(f"module 'derive.torch' has no attribute {name!r}")
+#: every kernel of every shipped derivation file: ``derive.torch.kernels.<kernel>(x, t, ...)``
+kernels = _all()
 
 __all__ = ["sigmoid_focal_loss", "binary_cross_entropy_with_logits", "softmax_focal_loss", "cross_entropy",
            "SigmoidFocalLoss", "BCEWithLogitsLoss", "SoftmaxFocalLoss", "CrossEntropyLoss", "kernels", "load",

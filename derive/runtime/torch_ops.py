@@ -370,6 +370,33 @@ class KernelOps:
             self.op2.register_autograd(self._second_backward, setup_context=self._second_setup)
         self.op.register_autograd(self._backward, setup_context=self._setup)
 
+        class Fused(torch.autograd.Function):
+            """The eager path: the op's implementation and autograd without the dispatcher's cost."""
+
+            @staticmethod
+            def forward(ctx, *args):  # forward(ctx, ...): no setup_context, whose apply binds a signature per call
+                output = fwd_impl(*args)
+                kernel._setup(ctx, args, output)
+                return output
+
+            @staticmethod
+            def backward(ctx, g_loss, g_grad):
+                return kernel._backward(ctx, g_loss, g_grad)
+
+        Fused.__name__ = Fused.__qualname__ = f"{self.qualname.replace('::', '_')}_eager"
+        self._fused = Fused
+
+    def apply(self, *args):
+        """``(loss, grad)`` of the op's arguments, with autograd: the custom op under torch.compile,
+        export, tracing, meta/fake or wrapped tensors; else (plain CPU tensors, eager) the same
+        implementation and backward through an autograd.Function, which costs about half as much
+        per call as the dispatcher's path (the two are tested equal)."""
+        x = args[0]
+        if (torch.compiler.is_compiling() or type(x) is not torch.Tensor or not x.is_cpu
+                or _dispatch_mode() is not None or _wrapped(x)):
+            return self.op(*args)
+        return self._fused.apply(*args)
+
     # autograd ---------------------------------------------------------------------------------
 
     def _setup(self, ctx, inputs, output):
@@ -425,6 +452,21 @@ class KernelOps:
             # d(H v)/dv = H, symmetric: the HVP of the incoming gradient (torch.autograd.functional.hvp)
             grads[-1] = self.op2(*self._second_args(x, target, alpha_vec, params, ii, g_out))
         return tuple(grads)
+
+
+def _dispatch_mode():
+    """The innermost Python dispatch mode (make_fx, FakeTensorMode, ...), or None."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode()
+
+
+def _wrapped(x) -> bool:
+    """A functorch-wrapped tensor (torch.func.grad, vmap): the custom op's path."""
+    try:
+        return torch._C._functorch.is_functorch_wrapped_tensor(x)
+    except AttributeError:  # pragma: no cover - another torch
+        return True
 
 
 def _engine_needs(x) -> bool:
