@@ -24,9 +24,11 @@ inputs are computed in float32 and the loss rounded to the input dtype (error: t
 kernel's bound plus one rounding to the input type, half an ulp: 2^-11 relative for float16,
 2^-8 for bfloat16).  Targets and parameters are not differentiated: asking for their
 derivative raises (wrap them in ``jax.lax.stop_gradient``); so does a third derivative.
-Invalid targets (a label that is not 0 or 1 for a kernel without a soft version, a class index
-outside [0, K)) raise ValueError when known at the call, and a runtime error naming the kernel
-and the value when traced under ``jit``.
+Invalid targets (a label that is not 0 or 1 for a kernel without a soft version, a value
+outside [0, 1], a class index outside [0, K)) are found by the kernel in its own pass and raise
+``jax.errors.JaxRuntimeError`` (INVALID_ARGUMENT; some eager dispatch paths of jax re-raise it as
+ValueError) naming the kernel, the value and its index when the computation runs; a known
+parameter outside its domain raises ValueError at the call, a traced one when it runs.
 """
 from __future__ import annotations
 

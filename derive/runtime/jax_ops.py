@@ -138,9 +138,10 @@ int call_cp(int64_t fn, int64_t P, size_t n, size_t k, const T *x, const T *q, c
   DERIVE_ARITY(P, (cp<T, A, B>(fn, n, k, x, q, p, a, b, seq)))
 }
 
-std::string fmt(double v) {
+template <typename T>
+std::string fmt(T v) {  // shortest round-trip digits of the kernel's type
   char buf[64];
-  std::snprintf(buf, sizeof buf, "%.17g", v);
+  std::snprintf(buf, sizeof buf, "%.*g", sizeof(T) == 4 ? 9 : 17, (double)v);
   return buf;
 }
 
@@ -154,15 +155,30 @@ ffi::Error error(std::string_view name, int rc, std::string what) {
 template <typename T>
 std::string first_bad(const T *t, size_t n, bool soft) {
   for (size_t i = 0; i < n; ++i) {
-    double v = t[i];
+    T v = t[i];
     bool ok = soft ? (v >= 0 && v <= 1) : (v == 0 || v == 1);
-    if (!ok) return fmt(v) + " at flat index " + std::to_string(i);
+    if (!ok) return fmt<T>(v) + " at flat index " + std::to_string(i);
   }
   return "none";
 }
 
-std::string einval(std::string_view extra) {
-  return std::string("invalid argument (a parameter outside its domain or NaN") + std::string(extra) + ")";
+// "a parameter outside its domain" with the names, values and domains (attribute "params":
+// "name:domain;name:domain;...", in the kernel's order)
+template <typename T>
+std::string einval(std::string_view params, const T *p, std::string_view extra) {
+  std::string msg = "a parameter is outside its domain or NaN" + std::string(extra) + ":";
+  size_t i = 0;
+  while (!params.empty()) {
+    size_t semi = params.find(';');
+    std::string_view item = params.substr(0, semi);
+    size_t colon = item.find(':');
+    msg += (i ? ", " : " ") + std::string(item.substr(0, colon)) + " = " + fmt<T>(p[i]) + " (must be " +
+           std::string(item.substr(colon + 1)) + ")";
+    ++i;
+    if (semi == std::string_view::npos) break;
+    params.remove_prefix(semi + 1);
+  }
+  return msg;
 }
 
 // batch entries: nb = params / (P + 1); a run of equal param rows is one call
@@ -177,7 +193,7 @@ size_t run_end(const T *p, size_t per, size_t b, size_t nb, const T *av, size_t 
 
 template <typename T>
 ffi::Error elementwise(ffi::AnyBuffer x, ffi::AnyBuffer t, ffi::AnyBuffer prm, int64_t fn, int64_t soft,
-                       int64_t P, bool hess, std::string_view name, T *a, T *b) {
+                       int64_t P, bool hess, std::string_view name, std::string_view params, T *a, T *b) {
   const T *xp = x.typed_data<T>(), *tp = t.typed_data<T>(), *pp = prm.typed_data<T>();
   size_t per = P + 1, nb = prm.element_count() / per, total = x.element_count();
   size_t chunk = nb ? total / nb : 0;
@@ -192,7 +208,7 @@ ffi::Error elementwise(ffi::AnyBuffer x, ffi::AnyBuffer t, ffi::AnyBuffer prm, i
                                               : "targets must hold labels 0 or 1, found ") +
                                  first_bad(tp + off, n, soft != 0) + " (this kernel " +
                                  (soft ? "falls back to its soft version for values in (0, 1))" : "takes no soft targets)"));
-    if (rc == kEinval) return error(name, rc, einval(""));
+    if (rc == kEinval) return error(name, rc, einval<T>(params, pp + s * per, ""));
     if (rc != kOk) return error(name, rc, "error code " + std::to_string(rc));
     s = e;
   }
@@ -200,20 +216,20 @@ ffi::Error elementwise(ffi::AnyBuffer x, ffi::AnyBuffer t, ffi::AnyBuffer prm, i
 }
 
 ffi::Error EwImpl(ffi::AnyBuffer x, ffi::AnyBuffer t, ffi::AnyBuffer prm, int64_t fn, int64_t soft, int64_t P,
-                  std::string_view name, ffi::Result<ffi::AnyBuffer> loss, ffi::Result<ffi::AnyBuffer> grad) {
+                  std::string_view name, std::string_view params, ffi::Result<ffi::AnyBuffer> loss, ffi::Result<ffi::AnyBuffer> grad) {
   if (x.element_type() == ffi::DataType::F32)
-    return elementwise<float>(x, t, prm, fn, soft, P, false, name, loss->typed_data<float>(), grad->typed_data<float>());
+    return elementwise<float>(x, t, prm, fn, soft, P, false, name, params, loss->typed_data<float>(), grad->typed_data<float>());
   if (x.element_type() == ffi::DataType::F64)
-    return elementwise<double>(x, t, prm, fn, soft, P, false, name, loss->typed_data<double>(), grad->typed_data<double>());
+    return elementwise<double>(x, t, prm, fn, soft, P, false, name, params, loss->typed_data<double>(), grad->typed_data<double>());
   return ffi::Error::InvalidArgument("derive kernel: logits must be float32 or float64");
 }
 
 ffi::Error EwHessImpl(ffi::AnyBuffer x, ffi::AnyBuffer t, ffi::AnyBuffer prm, int64_t fn, int64_t soft, int64_t P,
-                      std::string_view name, ffi::Result<ffi::AnyBuffer> hess) {
+                      std::string_view name, std::string_view params, ffi::Result<ffi::AnyBuffer> hess) {
   if (x.element_type() == ffi::DataType::F32)
-    return elementwise<float>(x, t, prm, fn, soft, P, true, name, hess->typed_data<float>(), nullptr);
+    return elementwise<float>(x, t, prm, fn, soft, P, true, name, params, hess->typed_data<float>(), nullptr);
   if (x.element_type() == ffi::DataType::F64)
-    return elementwise<double>(x, t, prm, fn, soft, P, true, name, hess->typed_data<double>(), nullptr);
+    return elementwise<double>(x, t, prm, fn, soft, P, true, name, params, hess->typed_data<double>(), nullptr);
   return ffi::Error::InvalidArgument("derive kernel: logits must be float32 or float64");
 }
 
@@ -221,7 +237,7 @@ ffi::Error EwHessImpl(ffi::AnyBuffer x, ffi::AnyBuffer t, ffi::AnyBuffer prm, in
 template <typename T>
 ffi::Error rows_ci(ffi::AnyBuffer x, ffi::AnyBuffer tg, ffi::AnyBuffer prm, ffi::AnyBuffer av, int64_t fn,
                    int64_t P, bool class_alpha, bool alpha_vec, int64_t ign, bool hvp, std::string_view name,
-                   const T *v, T *a, T *b) {
+                   std::string_view params, const T *v, T *a, T *b) {
   auto dims = x.dimensions();
   size_t k = dims.size() ? dims[dims.size() - 1] : 1;
   const T *xp = x.typed_data<T>(), *pp = prm.typed_data<T>(), *ap = av.typed_data<T>();
@@ -252,7 +268,7 @@ ffi::Error rows_ci(ffi::AnyBuffer x, ffi::AnyBuffer tg, ffi::AnyBuffer prm, ffi:
           return error(name, rc, "targets must be class indices in [0, " + std::to_string(k) + ")" +
                                      (ign == INT64_MIN ? std::string("") : " or ignore_index " + std::to_string(ign)) +
                                      ", found " + std::to_string(tp[i]) + " at row " + std::to_string(i));
-      return error(name, rc, einval(", or a per-class alpha outside [0, 1]"));
+      return error(name, rc, einval<T>(params, pp + s * per, " (or a per-class alpha outside [0, 1])"));
     }
     if (rc != kOk) return error(name, rc, "error code " + std::to_string(rc));
     s = e;
@@ -262,7 +278,7 @@ ffi::Error rows_ci(ffi::AnyBuffer x, ffi::AnyBuffer tg, ffi::AnyBuffer prm, ffi:
 
 template <typename T>
 ffi::Error rows_cp(ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer prm, int64_t fn, int64_t P, bool hvp,
-                   std::string_view name, const T *v, T *a, T *b) {
+                   std::string_view name, std::string_view params, const T *v, T *a, T *b) {
   auto dims = x.dimensions();
   size_t k = dims.size() ? dims[dims.size() - 1] : 1;
   const T *xp = x.typed_data<T>(), *qp = q.typed_data<T>(), *pp = prm.typed_data<T>();
@@ -275,7 +291,7 @@ ffi::Error rows_cp(ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer prm, int64
                  : call_cp<T, T *, T *>(fn, P, n, k, xp + r0 * k, qp + r0 * k, pp + s * per, a + r0, b + r0 * k);
     if (rc == kElabel)
       return error(name, rc, "targets must hold class probabilities in [0, 1], found " + first_bad(qp + r0 * k, n * k, true));
-    if (rc == kEinval) return error(name, rc, einval(""));
+    if (rc == kEinval) return error(name, rc, einval<T>(params, pp + s * per, ""));
     if (rc != kOk) return error(name, rc, "error code " + std::to_string(rc));
     s = e;
   }
@@ -288,60 +304,60 @@ ffi::Error rows_cp(ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer prm, int64
   return ffi::Error::InvalidArgument("derive kernel: logits must be float32 or float64");
 
 ffi::Error CiImpl(ffi::AnyBuffer x, ffi::AnyBuffer tg, ffi::AnyBuffer prm, ffi::AnyBuffer av, int64_t fn, int64_t P,
-                  bool class_alpha, bool alpha_vec, int64_t ign, std::string_view name,
+                  bool class_alpha, bool alpha_vec, int64_t ign, std::string_view name, std::string_view params,
                   ffi::Result<ffi::AnyBuffer> loss, ffi::Result<ffi::AnyBuffer> grad) {
-  DERIVE_DTYPE(x, (rows_ci<T>(x, tg, prm, av, fn, P, class_alpha, alpha_vec, ign, false, name, nullptr,
+  DERIVE_DTYPE(x, (rows_ci<T>(x, tg, prm, av, fn, P, class_alpha, alpha_vec, ign, false, name, params, nullptr,
                               loss->typed_data<T>(), grad->typed_data<T>())),
-               (rows_ci<T>(x, tg, prm, av, fn, P, class_alpha, alpha_vec, ign, false, name, nullptr,
+               (rows_ci<T>(x, tg, prm, av, fn, P, class_alpha, alpha_vec, ign, false, name, params, nullptr,
                            loss->typed_data<T>(), grad->typed_data<T>())))
 }
 ffi::Error CiHvpImpl(ffi::AnyBuffer x, ffi::AnyBuffer tg, ffi::AnyBuffer prm, ffi::AnyBuffer av, ffi::AnyBuffer v,
-                     int64_t fn, int64_t P, bool class_alpha, bool alpha_vec, int64_t ign, std::string_view name,
+                     int64_t fn, int64_t P, bool class_alpha, bool alpha_vec, int64_t ign, std::string_view name, std::string_view params,
                      ffi::Result<ffi::AnyBuffer> out) {
-  DERIVE_DTYPE(x, (rows_ci<T>(x, tg, prm, av, fn, P, class_alpha, alpha_vec, ign, true, name, v.typed_data<T>(),
+  DERIVE_DTYPE(x, (rows_ci<T>(x, tg, prm, av, fn, P, class_alpha, alpha_vec, ign, true, name, params, v.typed_data<T>(),
                               nullptr, out->typed_data<T>())),
-               (rows_ci<T>(x, tg, prm, av, fn, P, class_alpha, alpha_vec, ign, true, name, v.typed_data<T>(),
+               (rows_ci<T>(x, tg, prm, av, fn, P, class_alpha, alpha_vec, ign, true, name, params, v.typed_data<T>(),
                            nullptr, out->typed_data<T>())))
 }
-ffi::Error CpImpl(ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer prm, int64_t fn, int64_t P, std::string_view name,
+ffi::Error CpImpl(ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer prm, int64_t fn, int64_t P, std::string_view name, std::string_view params,
                   ffi::Result<ffi::AnyBuffer> loss, ffi::Result<ffi::AnyBuffer> grad) {
-  DERIVE_DTYPE(x, (rows_cp<T>(x, q, prm, fn, P, false, name, nullptr, loss->typed_data<T>(), grad->typed_data<T>())),
-               (rows_cp<T>(x, q, prm, fn, P, false, name, nullptr, loss->typed_data<T>(), grad->typed_data<T>())))
+  DERIVE_DTYPE(x, (rows_cp<T>(x, q, prm, fn, P, false, name, params, nullptr, loss->typed_data<T>(), grad->typed_data<T>())),
+               (rows_cp<T>(x, q, prm, fn, P, false, name, params, nullptr, loss->typed_data<T>(), grad->typed_data<T>())))
 }
 ffi::Error CpHvpImpl(ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer prm, ffi::AnyBuffer v, int64_t fn, int64_t P,
-                     std::string_view name, ffi::Result<ffi::AnyBuffer> out) {
-  DERIVE_DTYPE(x, (rows_cp<T>(x, q, prm, fn, P, true, name, v.typed_data<T>(), nullptr, out->typed_data<T>())),
-               (rows_cp<T>(x, q, prm, fn, P, true, name, v.typed_data<T>(), nullptr, out->typed_data<T>())))
+                     std::string_view name, std::string_view params, ffi::Result<ffi::AnyBuffer> out) {
+  DERIVE_DTYPE(x, (rows_cp<T>(x, q, prm, fn, P, true, name, params, v.typed_data<T>(), nullptr, out->typed_data<T>())),
+               (rows_cp<T>(x, q, prm, fn, P, true, name, params, v.typed_data<T>(), nullptr, out->typed_data<T>())))
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(derive_jax_elementwise, EwImpl,
     ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-        .Attr<int64_t>("fn").Attr<int64_t>("soft").Attr<int64_t>("nparams").Attr<std::string_view>("name")
+        .Attr<int64_t>("fn").Attr<int64_t>("soft").Attr<int64_t>("nparams").Attr<std::string_view>("name").Attr<std::string_view>("params")
         .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(derive_jax_elementwise_hess, EwHessImpl,
     ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-        .Attr<int64_t>("fn").Attr<int64_t>("soft").Attr<int64_t>("nparams").Attr<std::string_view>("name")
+        .Attr<int64_t>("fn").Attr<int64_t>("soft").Attr<int64_t>("nparams").Attr<std::string_view>("name").Attr<std::string_view>("params")
         .Ret<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(derive_jax_class_index, CiImpl,
     ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
         .Attr<int64_t>("fn").Attr<int64_t>("nparams").Attr<bool>("class_alpha").Attr<bool>("alpha_vec")
-        .Attr<int64_t>("ignore_index").Attr<std::string_view>("name")
+        .Attr<int64_t>("ignore_index").Attr<std::string_view>("name").Attr<std::string_view>("params")
         .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(derive_jax_class_index_hvp, CiHvpImpl,
     ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
         .Arg<ffi::AnyBuffer>()
         .Attr<int64_t>("fn").Attr<int64_t>("nparams").Attr<bool>("class_alpha").Attr<bool>("alpha_vec")
-        .Attr<int64_t>("ignore_index").Attr<std::string_view>("name")
+        .Attr<int64_t>("ignore_index").Attr<std::string_view>("name").Attr<std::string_view>("params")
         .Ret<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(derive_jax_class_probs, CpImpl,
     ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-        .Attr<int64_t>("fn").Attr<int64_t>("nparams").Attr<std::string_view>("name")
+        .Attr<int64_t>("fn").Attr<int64_t>("nparams").Attr<std::string_view>("name").Attr<std::string_view>("params")
         .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(derive_jax_class_probs_hvp, CpHvpImpl,
     ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-        .Attr<int64_t>("fn").Attr<int64_t>("nparams").Attr<std::string_view>("name")
+        .Attr<int64_t>("fn").Attr<int64_t>("nparams").Attr<std::string_view>("name").Attr<std::string_view>("params")
         .Ret<ffi::AnyBuffer>());
 """
 
@@ -520,7 +536,9 @@ def _ffi_call(target, shapes, *ops, **attrs):
 def _attrs(k, dt, second):
     suffix = {"": "", "hess": "_hess", "hvp": "_hvp"}[second]
     attrs = {"fn": np.int64(_address(k.src, f"derive_{k.name}{suffix}_{dt}")), "nparams": np.int64(len(k.params)),
-             "name": k.name}
+             "name": k.name, "params": ";".join(f"{p}:{losses._describe(k.info['domains'][p])}"
+                                                + (" (or < 0: no weighting)" if p in k.info["no_weight_below_zero"] else "")
+                                                for p in k.params)}
     if k.layout == "elementwise":
         attrs["soft"] = np.int64(_address(k.src, f"derive_{k.soft}{suffix}_{dt}") if k.soft else 0)
     return attrs
@@ -587,7 +605,9 @@ def _check_targets(k, t, kernel_soft):
 
 def _host(k, second, ignore_index, alpha_vec, x, t, prm, av, v=None):
     """The NumPy kernel on one callback's arrays, batch entries (leading axes, read off ``prm``)
-    one at a time."""
+    one at a time (eager pure_callback hands jax Arrays: NumPy arrays are made first)."""
+    x, t, prm, av = (np.asarray(a) for a in (x, t, prm, av))
+    v = None if v is None else np.asarray(v)
     mod, dt = k.numpy(), _dt(x.dtype)
     per = len(k.params) + 1
     nb = prm.size // per
@@ -707,13 +727,13 @@ def _instantiate(tan, like):
 
 
 @functools.lru_cache(maxsize=None)
-def core(k, backend, ignore_index, alpha_vec):
+def core(k, backend, ignore_index, alpha_vec, names=("inputs", "targets")):
     """``loss(x, t, prm, av)``: the kernel's loss with its proved derivatives in x (see the module
     docstring); x in float32 or float64, t, prm and av as :func:`raw_pair` takes them."""
     jax = _jax()
     jnp = jax.numpy
     rows = k.layout != "elementwise"
-    what = ("targets", "the parameters", "alpha")
+    what = (names[1], "the parameters (" + ", ".join(k.params) + ")", "alpha")
 
     @jax.custom_jvp
     def hess(x, t, prm, av):
@@ -735,7 +755,12 @@ def core(k, backend, ignore_index, alpha_vec):
         x, t, prm, av = primals
         _refuse(k, what, tangents[1:])
         dx = _instantiate(tangents[0], x)
-        loss, g = raw_pair(k, backend, x, t, prm, av, ignore_index, alpha_vec)
+        if not k.info.get("second"):
+            raise NotImplementedError(
+                f"derive.jax: kernel {k.name!r} (module {k.src[1]!r}) declares no second derivative (no hess, "
+                "dcoef or d2term key in its [[kernel]] table), so jax.hessian, grad of grad and jvp of grad "
+                "are not available for it (a first derivative is)")
+        loss, g = pair(x, t, prm, av)  # (a third derivative reaches hess / hvp, which refuse it)
         if rows:
             dg = _hvp_primitive().bind(x, t, prm, av, dx, k=k, backend=backend, ignore_index=ignore_index,
                                        alpha_vec=alpha_vec)
@@ -839,7 +864,7 @@ def evaluate(k, inputs, targets, values, *, ignore_index=NO_IGNORE, backend="aut
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}")
     x, t, prm, av, alpha_vec, dtype = prepare(k, inputs, targets, values, int(ignore_index), names)
-    fn = core(k, _resolve(backend, k.src), int(ignore_index), alpha_vec)
+    fn = core(k, _resolve(backend, k.src), int(ignore_index), alpha_vec, tuple(names))
     return fn(x, t, prm, av).astype(dtype)
 
 
