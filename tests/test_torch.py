@@ -245,6 +245,7 @@ def test_saturated_softmax_focal_gradients_are_finite_and_exact():
     (grad,) = torch.autograd.grad(loss, xd, create_graph=True)
     v = torch.tensor([[1.0, -2.0, 0.5]] * 3, dtype=torch.float64)
     (hvp,) = torch.autograd.grad(grad, xd, v)
+    grad = grad.detach()
     mpmath.mp.dps = 50
 
     def row_loss(r, *z):
