@@ -357,3 +357,38 @@ def test_import_derive_without_jax():
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ["float64", "ImportError: derive.jax needs JAX: pip install "
                                        "'derive-gradients[jax]' (or pip install jax)"]
+
+
+def test_without_x64_int32_labels_and_float32(dj):
+    """JAX's default (no x64): labels are int32 (widened by the shim for the int64 C kernels) and
+    logits float32; the results are those of the x64 run's float32 computation."""
+    rng = np.random.default_rng(8)
+    x = (rng.normal(size=(6, 5)) * 2).astype(np.float32)
+    lab = np.array([0, 1, 2, 3, 4, 0])
+    want = np.asarray(dj.softmax_cross_entropy_with_integer_labels(x, lab))
+    want_h = np.asarray(jax.hessian(lambda z: jnp.sum(dj.kernels.softmax_focal(z, lab)))(x))
+    with jax.enable_x64(False):
+        labels = jnp.asarray(lab)
+        assert labels.dtype == jnp.int32
+        got = dj.softmax_cross_entropy_with_integer_labels(jnp.asarray(x), labels)
+        got_h = jax.hessian(lambda z: jnp.sum(dj.kernels.softmax_focal(z, labels)))(jnp.asarray(x))
+        assert got.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(got), want)
+        np.testing.assert_array_equal(np.asarray(got_h), want_h)
+
+
+def test_without_the_ffi_shim_auto_falls_back_to_callback(dj, monkeypatch):
+    from derive.runtime import cbuild, jax_ops
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(cbuild.CompilerNotFoundError, match="CXX='/nonexistent/c\\+\\+' was not found"):
+        jax_ops.find_cxx()
+    x = jnp.linspace(-3.0, 3.0, 7)
+    want = dj.sigmoid_focal_loss(x, x > 0, backend="ffi")
+    monkeypatch.setattr(jax_ops, "_FFI", {"shim": cbuild.BuildError("no C++ compiler (test)")})
+    monkeypatch.setattr(jax_ops, "_WARNED", set())
+    with pytest.warns(dj.JaxFFIUnavailableWarning, match="pure_callback.*no C\\+\\+ compiler \\(test\\)"):
+        got = dj.sigmoid_focal_loss(x, x > 0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-13)
+    with pytest.raises(cbuild.BuildError, match="no C\\+\\+ compiler"):
+        dj.sigmoid_focal_loss(x, x > 0, backend="ffi")
