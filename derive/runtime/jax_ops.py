@@ -511,11 +511,12 @@ class Kernel:
                        "class_probs" if info.get("target") == "class_probs" else "class_index")
         self.class_alpha = bool(info["class_alpha"])
         self.soft = info.get("soft")
-        if len(self.params) > MAX_PARAMS:
-            raise ValueError(f"kernel {name!r} has {len(self.params)} parameters; derive.jax calls kernels of at "
-                             f"most {MAX_PARAMS}")
-        if self.class_alpha and self.params[0] != "alpha":
-            raise ValueError(f"kernel {name!r}: derive.jax needs a per-class alpha to be the first parameter")
+        # what the shim cannot call, said when the kernel is called (the other kernels still load)
+        self.unsupported = (
+            f"kernel {name!r} has {len(self.params)} parameters; derive.jax calls kernels of at most {MAX_PARAMS}"
+            if len(self.params) > MAX_PARAMS else
+            f"kernel {name!r}: derive.jax needs a per-class alpha to be the kernel's first parameter"
+            if self.class_alpha and self.params[0] != "alpha" else None)
 
     def __repr__(self):
         return f"<derive.jax kernel {self.name} of {self.src[1]}>"
@@ -803,16 +804,16 @@ def _compute_dtype(x, label):
     return x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float32)
 
 
-def prepare(k, inputs, targets, values, ignore_index=NO_IGNORE, names=("inputs", "targets")):
-    """The arguments of :func:`core` for kernel ``k``: (x, t, prm, av, alpha_vec, input dtype).
-    ``values``: parameter name -> value (a number or a JAX scalar; a per-class alpha: None, a
-    number or K values).  Known values are checked against the file's domains here (ValueError
-    naming the parameter); traced ones by the kernel (an error when the call runs)."""
+def prepare(k, inputs, targets, values, names=("inputs", "targets")):
+    """The checked arguments of kernel ``k``: (x, t, scalars, av, alpha_vec, static), converted
+    and broadcast later by :func:`_compiled` (one jitted step, so that an eager call costs one
+    dispatch).  ``values``: parameter name -> value (a number or a JAX scalar; a per-class alpha:
+    None, a number or K values).  Known values are checked against the file's domains here
+    (ValueError naming the parameter); traced ones by the kernel (an error when the call runs)."""
     jax = _jax()
     jnp = jax.numpy
     x = jnp.asarray(inputs)
     cd = _compute_dtype(x, names[0])
-    xc = x.astype(cd)
     if k.layout != "elementwise" and x.ndim < 1:
         raise ValueError(f"{names[0]} must have at least one axis (the classes, last), got a 0-d array")
     t = jnp.asarray(targets)
@@ -826,23 +827,24 @@ def prepare(k, inputs, targets, values, ignore_index=NO_IGNORE, names=("inputs",
             raise TypeError(f"{names[1]} must be numeric, got dtype {t.dtype}")
         want, tdt = x.shape, cd
     try:
-        t = jnp.broadcast_to(t.astype(tdt), want)
+        ok = np.broadcast_shapes(t.shape, want) == tuple(want)
     except ValueError:
+        ok = False
+    if not ok:
         raise ValueError(f"{names[1]} has shape {t.shape}, which does not broadcast to {want} (the shape of "
-                         f"{names[0]}{'' if k.layout == 'elementwise' else ' without its last axis'})") from None
-    scalars, av, alpha_vec = [], jnp.zeros((1,), cd), False
+                         f"{names[0]}{'' if k.layout == 'elementwise' else ' without its last axis'})")
+    scalars, av, alpha_vec = [], None, False
     for name in k.params:
         value = values[name]
         if k.class_alpha and name == "alpha":
             known = None if value is None else _concrete(value)
             if value is not None and jnp.ndim(value) > 0:
-                vec = jnp.asarray(value, cd)
-                if vec.shape != (x.shape[-1],):
+                if jnp.shape(value) != (x.shape[-1],):
                     raise ValueError(f"alpha must be None, a number or one weight per class ({x.shape[-1]}), "
-                                     f"got shape {vec.shape}")
+                                     f"got shape {jnp.shape(value)}")
                 if known is not None and not ((known >= 0) & (known <= 1)).all():
                     raise ValueError(f"alpha must hold weights in [0, 1], got {known!r}")
-                av, alpha_vec, value = vec, True, 1.0
+                av, alpha_vec, value = value, True, 1.0
             elif value is None:
                 value = 1.0
             elif known is not None:
@@ -853,9 +855,24 @@ def prepare(k, inputs, targets, values, ignore_index=NO_IGNORE, names=("inputs",
                 if isinstance(known, np.ndarray):
                     raise ValueError(f"{name} must be a number, got an array of shape {known.shape}")
                 losses._param(k.info, name, known, allow_off=name in k.info["no_weight_below_zero"])
-        scalars.append(jnp.asarray(value, cd))
-    prm = jnp.stack([*scalars, jnp.zeros((), cd)])
-    return xc, t, prm, av, alpha_vec, x.dtype
+        scalars.append(value)
+    return x, t, tuple(scalars), av, alpha_vec, (np.dtype(cd), np.dtype(tdt), tuple(want))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(k, backend, ignore_index, alpha_vec, names, static):
+    """The step of :func:`evaluate` and its jitted version: conversions, broadcast, parameters
+    stacked (P values and a 0), :func:`core`, the loss in the input dtype."""
+    jax = _jax()
+    jnp = jax.numpy
+    cd, tdt, want = static
+    fn = core(k, backend, ignore_index, alpha_vec, names)
+
+    def step(x, t, scalars, av):
+        prm = jnp.stack([*(jnp.asarray(v, cd) for v in scalars), jnp.zeros((), cd)])
+        av = jnp.asarray(av, cd) if alpha_vec else jnp.zeros((1,), cd)
+        return fn(x.astype(cd), jnp.broadcast_to(t.astype(tdt), want), prm, av).astype(x.dtype)
+    return step, jax.jit(step)
 
 
 def evaluate(k, inputs, targets, values, *, ignore_index=NO_IGNORE, backend="auto", names=("inputs", "targets")):
@@ -863,9 +880,15 @@ def evaluate(k, inputs, targets, values, *, ignore_index=NO_IGNORE, backend="aut
     kernel ``k``, differentiable in ``inputs`` to second order, in the dtype of ``inputs``."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}")
-    x, t, prm, av, alpha_vec, dtype = prepare(k, inputs, targets, values, int(ignore_index), names)
-    fn = core(k, _resolve(backend, k.src), int(ignore_index), alpha_vec, tuple(names))
-    return fn(x, t, prm, av).astype(dtype)
+    if k.unsupported:
+        raise NotImplementedError(k.unsupported)
+    x, t, scalars, av, alpha_vec, static = prepare(k, inputs, targets, values, names)
+    step, jitted = _compiled(k, _resolve(backend, k.src), int(ignore_index), alpha_vec, tuple(names), static)
+    args = (x, t, scalars, 0.0 if av is None else av)
+    # an eager call (no tracer): one compiled dispatch instead of op-by-op; inside a transformation
+    # (jit, grad, vmap) the steps are traced into the caller's computation as they are
+    traced = any(isinstance(a, _jax().core.Tracer) for a in (x, t, av, *scalars))
+    return (step if traced else jitted)(*args)
 
 
 def _function(k, signature, doc):
