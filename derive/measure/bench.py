@@ -1,7 +1,8 @@
 """``make bench``: figures, not assertions.
 
 Kernel speed beside the peers (:mod:`derive.measure.bench_kernels`: forward + backward per element,
-bandwidth floor, ratios, JSON in out/bench-kernels.json), then the verification time of the shipped derivation files, cold, in a fresh process each run (SymPy
+bandwidth floor; the derive.torch and derive.jax ops beside torch eager, torch.compile and optax
+jit, with their ratios and per-call overhead at 1,000 elements; JSON in out/bench-kernels.json), then the verification time of the shipped derivation files, cold, in a fresh process each run (SymPy
 import and parsing included), as the issue asks: under 10 s on a 2-core machine.
 """
 from __future__ import annotations
@@ -42,7 +43,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="derive bench",
         description="Time the kernels (forward + backward per element) beside the bandwidth floor, NumPy, "
-                    "PyTorch and JAX in one run, and the verifier cold; figures, not assertions.")
+                    "PyTorch (eager, torch.compile) and JAX/optax in one run, the derive.torch and derive.jax ops "
+                    "beside them (and their per-call overhead), and the verifier cold; figures, not assertions.")
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and JAX even when installed")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, figures meaningless)")
     parser.add_argument("--kernels-only", action="store_true", help="skip the verification timing")

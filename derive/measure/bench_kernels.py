@@ -17,8 +17,24 @@ float64, gamma = 2 and 0.5, 1 thread and all threads.  Rows:
   -(1 - p_t)^gamma log p_t and y (1 - p_t)^gamma (gamma p_t log p_t + p_t - 1), in plain NumPy;
 * ``sympy lambdify``: ``sympy.lambdify(cse=True)`` of the same closed forms;
 * ``torch eager`` / ``torch.compile``: torchvision's formula (BCE-with-logits times
-  (1 - p_t)^gamma) with autograd; ``jax jit``: ``jax.jit(jax.value_and_grad)`` of the same.
+  (1 - p_t)^gamma) with autograd (compiled once per thread count, in the row's warm-up);
+  ``jax jit``: ``jax.jit(jax.value_and_grad)`` of the same;
+* ``derive.torch op``: the drop-ins of :mod:`derive.torch` as a training step calls them,
+  ``sigmoid_focal_loss(x, t, alpha=-1, gamma, reduction="sum").backward()`` (and
+  ``softmax_focal_loss``, ``cross_entropy``), fwd + bwd through autograd on the same torch
+  threads as the torch rows (derive.torch gives the C kernels torch's thread count);
+* ``derive.jax op`` beside ``optax jit``: :mod:`derive.jax`'s drop-ins and optax's functions
+  (``sigmoid_focal_loss``, ``softmax_cross_entropy_with_integer_labels``; optax has no softmax
+  focal loss) under the same ``jax.jit(jax.value_and_grad)``.
   Missing peers are listed as skipped.
+
+A third configuration, ``softmax CE`` (the softmax cross-entropy, gamma = 0, on the softmax
+shape), compares ``derive.kernels.softmax_ce``, ``derive.torch.cross_entropy`` and
+``derive.jax.softmax_cross_entropy_with_integer_labels`` with ``F.cross_entropy`` and optax.
+The ratios of each derive op to its peers are printed and kept in the JSON (``ratios``).
+Per-call cost (``overhead``): the derive.torch and derive.jax ops on 1,000 elements, fwd + bwd
+and forward alone, beside an empty op of the same shape (``x * 1``) used the same way; the
+difference is the op's overhead per call.
 
 The bandwidth floor is the time to move the same bytes (read logits and targets, write loss
 and gradient), measured in the same run with NumPy copies; each row shows its ratio to it.
@@ -46,6 +62,11 @@ DTYPES = ("float32", "float64")
 #: seconds of idle before each row: thread pools that spin-wait after use (OpenMP's, XLA's)
 #: go to sleep, so that no row runs beside the previous row's spinning threads
 SETTLE_S = 0.25
+
+#: the rows of each peer (listed as skipped, never dropped silently, when it is missing)
+TORCH_ROWS = ("derive.torch op", "torch eager", "torch.compile")
+JAX_ROWS = ("derive.jax op", "optax jit", "jax jit")
+KIND_LABEL = {"sigmoid": "sigmoid focal", "softmax": "softmax focal", "ce": "softmax CE"}
 
 
 def _timeit(fn, repeats, budget_s=4.0, settle_s=0.0):
@@ -100,13 +121,20 @@ def lambdified_closed_form():
     return sp.lambdify((x, y, g), (loss, grad), "numpy", cse=True)
 
 
+def _skip(exc) -> str:
+    return f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+
+
 def torch_rows(dtype, threads):
+    """``(torch, {row: {kind: fn(x, t, gamma) -> (loss, grad)} or "skipped: why"})`` for the kinds
+    "sigmoid" (focal), "softmax" (focal) and "ce" (softmax cross-entropy), fwd + bwd through
+    autograd on ``threads`` intra-op threads (``torch.set_num_threads``; derive.torch passes the
+    same number to the C kernels).  None without torch."""
     try:
         import torch
     except ImportError:
         return None
     torch.set_num_threads(threads)
-    tdt = getattr(torch, dtype)
 
     def sigmoid_focal(x, t, gamma):  # torchvision.ops.sigmoid_focal_loss, alpha < 0 (no weighting)
         p = torch.sigmoid(x)
@@ -118,25 +146,45 @@ def torch_rows(dtype, threads):
         logpt = torch.log_softmax(x, dim=1).gather(1, target[:, None])[:, 0]
         return -((1 - logpt.exp()) ** gamma) * logpt
 
+    def softmax_ce(x, target, gamma):  # gamma = 0: the focal loss is the cross-entropy
+        return torch.nn.functional.cross_entropy(x, target, reduction="none")
+
     def step(fn):
         def run(x, t, gamma):
             xr = x.detach().requires_grad_(True)
             loss = fn(xr, t, gamma)
-            loss.sum().backward()
+            (loss if loss.ndim == 0 else loss.sum()).backward()
             return loss.detach(), xr.grad
 
         return run
 
-    out = {"torch eager": (step(sigmoid_focal), step(softmax_focal))}
-    try:
-        cs, cm = torch.compile(sigmoid_focal), torch.compile(softmax_focal)
-        out["torch.compile"] = (step(cs), step(cm))
+    formulas = {"sigmoid": sigmoid_focal, "softmax": softmax_focal, "ce": softmax_ce}
+    out = {"torch eager": {kind: step(f) for kind, f in formulas.items()}}
+    try:  # compiled on the first call: the warm-up of each row, outside the timing
+        torch._dynamo.reset()  # a fresh compile for this thread count (Inductor's C++ fixes its threads)
+        out["torch.compile"] = {kind: step(torch.compile(f)) for kind, f in formulas.items()}
     except Exception as exc:  # pragma: no cover - depends on the installation
-        out["torch.compile"] = f"skipped: {type(exc).__name__}: {exc}"
-    return torch, tdt, out
+        out["torch.compile"] = _skip(exc)
+    try:
+        import derive.torch as dt
+    except Exception as exc:  # pragma: no cover - a torch derive.torch does not support
+        out["derive.torch op"] = _skip(exc)
+    else:  # the drop-ins as a user calls them: the loss summed by the op, then backward
+        out["derive.torch op"] = {
+            "sigmoid": step(lambda x, t, g: dt.sigmoid_focal_loss(x, t, alpha=-1, gamma=g, reduction="sum")),
+            "softmax": step(lambda x, t, g: dt.softmax_focal_loss(x, t, gamma=g, reduction="sum")),
+            "ce": step(lambda x, t, g: dt.cross_entropy(x, t, reduction="sum")),
+        }
+    return torch, out
 
 
 def jax_rows():
+    """``(jax, jnp, {row: {kind: fn} or "skipped: why"}, derive.jax's backend)``: each fn is
+    ``jax.jit(jax.value_and_grad)`` of the loss summed (the per-element loss kept as aux), on
+    XLA's threads.  Rows: ``jax jit`` (the formulas written out), ``optax jit`` (optax's
+    functions, where optax defines the loss: no softmax focal loss), ``derive.jax op``
+    (derive.jax's drop-ins through XLA's FFI; its C kernels on OpenMP's default thread count,
+    all cores unless OMP_NUM_THREADS says otherwise).  None without jax."""
     try:
         import jax
         import jax.numpy as jnp
@@ -164,7 +212,133 @@ def jax_rows():
 
         return run
 
-    return jax, jnp, (vg(sigmoid_focal), vg(softmax_focal))
+    out = {"jax jit": {"sigmoid": vg(sigmoid_focal), "softmax": vg(softmax_focal)}}
+    try:
+        import optax
+    except ImportError:
+        out["optax jit"] = "skipped: optax not installed"
+    else:
+        out["optax jit"] = {
+            "sigmoid": vg(lambda x, t, g: optax.sigmoid_focal_loss(x, t, gamma=g)),
+            "ce": vg(lambda x, t, g: optax.softmax_cross_entropy_with_integer_labels(x, t)),
+        }
+    backend = None
+    try:
+        import derive.jax as dj
+
+        backend = "ffi"
+        try:  # the FFI path when it can be built, else say that the row is the pure_callback one
+            dj.sigmoid_focal_loss(jnp.zeros(4), jnp.zeros(4), gamma=2.0, backend="ffi").block_until_ready()
+        except Exception:
+            backend = "callback"
+        kern = dj.kernels
+    except Exception as exc:  # pragma: no cover - an installation derive.jax does not support
+        out["derive.jax op"] = _skip(exc)
+    else:
+        out["derive.jax op"] = {
+            "sigmoid": vg(lambda x, t, g: dj.sigmoid_focal_loss(x, t, gamma=g, backend=backend)),
+            "softmax": vg(lambda x, t, g: kern.softmax_focal(x, t, gamma=g, backend=backend)),
+            "ce": vg(lambda x, t, g: dj.softmax_cross_entropy_with_integer_labels(x, t, backend=backend)),
+        }
+    return jax, jnp, out, backend
+
+
+def _per_call(fn, budget_s=2.0, calls=200, samples=15, settle_s=0.0):
+    """Median seconds per call of a fast ``fn``: batches of ``calls`` calls (a per-call timer
+    would time itself), after a warm-up batch."""
+    if settle_s:
+        time.sleep(settle_s)
+    for _ in range(calls):
+        fn()
+    times = []
+    start = time.perf_counter()
+    for i in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls)
+        if i >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times), len(times) * calls
+
+
+OVERHEAD_N = 1000
+
+
+def overhead(n=OVERHEAD_N, budget_s=2.0):
+    """Per-call cost of the derive.torch and derive.jax ops on ``n`` float32 logits (sigmoid
+    focal loss, gamma = 2, alpha < 0), each beside an empty op of the same shape (``x * 1``),
+    used the same way, so that the difference is what derive adds per call (argument checks,
+    dispatch, the C call, and the kernel's own few microseconds on ``n`` elements).  torch on
+    one thread (``n`` is below the kernels' threading threshold anyway).  ``(rows, skipped)``:
+    rows of {"row", "us_per_call", "calls"}, empty rows where torch is missing."""
+    rows, skipped = [], {}
+    rng = np.random.default_rng(0)
+    xn = (rng.standard_normal(n) * 3).astype(np.float32)
+    tn = (rng.random(n) < 0.5).astype(np.float32)
+    try:
+        import torch
+
+        import derive.torch as dt
+    except Exception as exc:
+        skipped["overhead (torch)"] = _skip(exc) if not isinstance(exc, ImportError) else \
+            "skipped: torch not installed"
+    else:
+        torch.set_num_threads(1)
+        x, t = torch.from_numpy(xn), torch.from_numpy(tn)
+
+        def fb(f):
+            def run():
+                xr = x.detach().requires_grad_(True)
+                f(xr).backward()
+                return xr.grad
+
+            return run
+
+        pairs = (
+            ("derive.torch op, fwd+bwd", fb(lambda xr: dt.sigmoid_focal_loss(xr, t, alpha=-1, gamma=2.0,
+                                                                             reduction="sum"))),
+            ("empty torch op (x*1), fwd+bwd", fb(lambda xr: (xr * 1).sum())),
+            ("derive.torch op, forward", lambda: dt.sigmoid_focal_loss(x, t, alpha=-1, gamma=2.0)),
+            ("empty torch op (x*1), forward", lambda: x * 1),
+        )
+        for name, fn in pairs:
+            sec, calls = _per_call(fn, budget_s, settle_s=SETTLE_S)
+            rows.append({"row": name, "us_per_call": sec * 1e6, "calls": calls, "n": n, "threads": 1})
+    try:
+        import jax
+        import jax.numpy as jnp
+
+        import derive.jax as dj
+    except Exception as exc:
+        skipped["overhead (jax)"] = _skip(exc) if not isinstance(exc, ImportError) else "skipped: jax not installed"
+    else:
+        jx, jt = jnp.asarray(xn), jnp.asarray(tn)
+        ours = jax.jit(jax.value_and_grad(lambda a: dj.sigmoid_focal_loss(a, jt, gamma=2.0).sum()))
+        empty = jax.jit(jax.value_and_grad(lambda a: (a * 1).sum()))
+        ours_f = jax.jit(lambda a: dj.sigmoid_focal_loss(a, jt, gamma=2.0))
+        empty_f = jax.jit(lambda a: a * 1)
+        pairs = (
+            ("derive.jax op, jit fwd+bwd", lambda: ours(jx)[1].block_until_ready()),
+            ("empty jax op (x*1), jit fwd+bwd", lambda: empty(jx)[1].block_until_ready()),
+            ("derive.jax op, jit forward", lambda: ours_f(jx).block_until_ready()),
+            ("empty jax op (x*1), jit forward", lambda: empty_f(jx).block_until_ready()),
+        )
+        for name, fn in pairs:
+            sec, calls = _per_call(fn, budget_s, settle_s=SETTLE_S)
+            rows.append({"row": name, "us_per_call": sec * 1e6, "calls": calls, "n": n, "threads": "xla"})
+    return rows, skipped
+
+
+def overhead_figures(rows) -> list:
+    """(what, microseconds): each op's time per call minus its empty op's."""
+    by = {r["row"]: r["us_per_call"] for r in rows}
+    out = []
+    for lib, how in (("torch", "fwd+bwd"), ("torch", "forward"), ("jax", "jit fwd+bwd"), ("jax", "jit forward")):
+        ours, empty = by.get(f"derive.{lib} op, {how}"), by.get(f"empty {lib} op (x*1), {how}")
+        if ours is not None and empty is not None:
+            out.append((f"derive.{lib} op, {how}", ours - empty))
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,7 +411,8 @@ print(reused, fresh, out_bytes)
 
 
 def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, gammas=GAMMAS, dtypes=DTYPES, threads=None, repeats=7,
-        peers=True, memory=True):
+        peers=True, memory=True, overhead_n=OVERHEAD_N):
+    import derive
     from derive.runtime import cbuild
     from derive.runtime import losses
 
@@ -245,16 +420,27 @@ def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, gammas=GAMMAS, dtypes=
     thread_counts = threads or sorted({1, all_threads})
     have_c = "c" in losses.available_backends()
     lib = cbuild.load() if have_c else None
+    # the C kernels' thread count where nobody sets it (derive.jax's calls from XLA's threads)
+    omp_default = int(lib.derive_get_num_threads()) if lib is not None else None
+    load_before = _load_average()
     rng = np.random.default_rng(0)
     lam = lambdified_closed_form()
     skipped = {}
     tor = jx = None
+    jax_backend = None
     if peers:
         jx = jax_rows()
         if jx is None:
-            skipped["jax jit"] = "skipped: jax not installed"
+            for name in JAX_ROWS:
+                skipped[name] = "skipped: jax not installed"
+        else:
+            jax_backend = jx[3]
+            for name, fns in jx[2].items():
+                if isinstance(fns, str):
+                    skipped[name] = fns
     else:
-        skipped["torch eager"] = skipped["torch.compile"] = skipped["jax jit"] = "skipped: peers off (--no-peers)"
+        for name in TORCH_ROWS + JAX_ROWS + ("overhead",):
+            skipped[name] = "skipped: peers off (--no-peers)"
     if not have_c:
         skipped["generated C"] = "skipped: no C compiler"
     results = []
@@ -269,69 +455,82 @@ def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, gammas=GAMMAS, dtypes=
             "sigmoid": bandwidth_floor(4 * isz, sigmoid_n, dtype, repeats),
             "softmax": bandwidth_floor(2 * isz + (8 + isz) / softmax_shape[1], sigmoid_n, dtype, repeats),
         }
+        floors["ce"] = floors["softmax"]
+        # the focal losses at each gamma, then the softmax cross-entropy (gamma = 0) once
+        configs = [(gamma, kind) for gamma in gammas for kind in ("sigmoid", "softmax")] + [(0.0, "ce")]
         for nth in thread_counts:
             if peers:
                 tor = torch_rows(dtype, nth)
                 if tor is None:
-                    skipped["torch eager"] = skipped["torch.compile"] = "skipped: torch not installed"
-            for gamma in gammas:
-                for kind in ("sigmoid", "softmax"):
-                    n_el = sigmoid_n if kind == "sigmoid" else xs.size
-                    rows = []
-                    g = np.dtype(dtype).type(gamma)
-                    outs = (np.empty_like(x), np.empty_like(x)) if kind == "sigmoid" else \
-                        (np.empty(xs.shape[0], dtype=dtype), np.empty_like(xs))
+                    for name in TORCH_ROWS:
+                        skipped[name] = "skipped: torch not installed"
+            for gamma, kind in configs:
+                n_el = sigmoid_n if kind == "sigmoid" else xs.size
+                rows = []
+                g = np.dtype(dtype).type(gamma)
+                outs = (np.empty_like(x), np.empty_like(x)) if kind == "sigmoid" else \
+                    (np.empty(xs.shape[0], dtype=dtype), np.empty_like(xs))
+                if kind == "sigmoid":
+                    def ours(backend, nth=nth, gamma=gamma, **kw):
+                        return lambda: losses.binary_focal_loss(x, t, gamma, backend=backend, return_grad=True,
+                                                                threads=nth, **kw)
+                elif kind == "softmax":
+                    def ours(backend, nth=nth, gamma=gamma, **kw):
+                        return lambda: losses.softmax_focal_loss(xs, ts, gamma=gamma, backend=backend,
+                                                                 return_grad=True, threads=nth, **kw)
+                else:
+                    def ours(backend, nth=nth, **kw):
+                        return lambda: derive.kernels.softmax_ce(xs, ts, backend=backend, return_grad=True,
+                                                                 threads=nth, **kw)
+                if have_c:
+                    rows.append(("generated C", ours("c")))
+                    rows.append(("generated C, out=", ours("c", out=outs)))
+                if nth == 1 and kind != "ce":
+                    rows.append(("generated NumPy", ours("numpy")))
+                    rows.append(("generated NumPy, out=", ours("numpy", out=outs)))
                     if kind == "sigmoid":
-                        def ours(backend, nth=nth, **kw):
-                            return lambda: losses.binary_focal_loss(x, t, gamma, backend=backend, return_grad=True,
-                                                                    threads=nth, **kw)
+                        rows.append(("closed form NumPy", lambda g=g: closed_form_numpy(x, y, g)))
+                        rows.append(("sympy lambdify", lambda g=g: lam(x, y, g)))
                     else:
-                        def ours(backend, nth=nth, **kw):
-                            return lambda: losses.softmax_focal_loss(xs, ts, gamma=gamma, backend=backend,
-                                                                     return_grad=True, threads=nth, **kw)
-                    if have_c:
-                        rows.append(("generated C", ours("c")))
-                        rows.append(("generated C, out=", ours("c", out=outs)))
-                    if nth == 1:
-                        rows.append(("generated NumPy", ours("numpy")))
-                        rows.append(("generated NumPy, out=", ours("numpy", out=outs)))
-                        if kind == "sigmoid":
-                            rows.append(("closed form NumPy", lambda: closed_form_numpy(x, y, g)))
-                            rows.append(("sympy lambdify", lambda: lam(x, y, g)))
-                        else:
-                            rows.append(("closed form NumPy", lambda: closed_form_softmax_numpy(xs, ts, g)))
-                    if tor is not None:
-                        torch, tdt, fns = tor
-                        if kind == "sigmoid":
-                            tx, tt = torch.from_numpy(x), torch.from_numpy(t)
-                        else:
-                            tx, tt = torch.from_numpy(xs), torch.from_numpy(ts)
-                        for name, pair in fns.items():
-                            if isinstance(pair, str):
-                                skipped[name] = pair
-                                continue
-                            fn = pair[0] if kind == "sigmoid" else pair[1]
-                            rows.append((name, lambda fn=fn, tx=tx, tt=tt: fn(tx, tt, gamma)))
-                    if jx is not None and nth == thread_counts[-1]:
-                        jax, jnp, (js, jm) = jx
-                        if kind == "sigmoid":
-                            jxa, jta, fn = jnp.asarray(x), jnp.asarray(t), js
-                        else:
-                            jxa, jta, fn = jnp.asarray(xs), jnp.asarray(ts), jm
-                        rows.append(("jax jit", lambda fn=fn, a=jxa, b=jta: fn(a, b, g)))
-                    floor_s, bw = floors[kind]
-                    for name, fn in rows:
-                        try:
-                            med, reps = _timeit(fn, repeats, settle_s=SETTLE_S)
-                        except Exception as exc:  # a peer that fails is reported, not fatal
-                            skipped[name] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                        rows.append(("closed form NumPy", lambda g=g: closed_form_softmax_numpy(xs, ts, g)))
+                if tor is not None:
+                    torch, fns = tor
+                    if kind == "sigmoid":
+                        tx, tt = torch.from_numpy(x), torch.from_numpy(t)
+                    else:
+                        tx, tt = torch.from_numpy(xs), torch.from_numpy(ts)
+                    for name, by_kind in fns.items():
+                        if isinstance(by_kind, str):
+                            skipped[name] = by_kind
                             continue
-                        ns = med / n_el * 1e9
-                        results.append({"kernel": f"{kind} focal", "dtype": dtype, "gamma": gamma,
-                                        "threads": nth if not name.startswith("jax") else "xla",
-                                        "row": name, "ns_per_elem": ns, "repeats": reps,
-                                        "floor_ns": floor_s * 1e9, "x_floor": ns / (floor_s * 1e9),
-                                        "bandwidth_GBps": bw / 1e9})
+                        fn = by_kind[kind]
+                        rows.append((name, lambda fn=fn, tx=tx, tt=tt, gamma=gamma: fn(tx, tt, gamma)))
+                if jx is not None and nth == thread_counts[-1]:  # XLA runs on all its threads
+                    jax, jnp, fns, _ = jx
+                    if kind == "sigmoid":
+                        jxa, jta = jnp.asarray(x), jnp.asarray(t)
+                    else:
+                        jxa, jta = jnp.asarray(xs), jnp.asarray(ts)
+                    for name, by_kind in fns.items():
+                        if not isinstance(by_kind, str) and kind in by_kind:
+                            rows.append((name, lambda fn=by_kind[kind], a=jxa, b=jta, g=g: fn(a, b, g)))
+                floor_s, bw = floors[kind]
+                for name, fn in rows:
+                    try:
+                        med, reps = _timeit(fn, repeats, settle_s=SETTLE_S)
+                    except Exception as exc:  # a peer that fails is reported, not fatal
+                        skipped[name] = _skip(exc)
+                        continue
+                    ns = med / n_el * 1e9
+                    results.append({"kernel": KIND_LABEL[kind], "dtype": dtype, "gamma": gamma,
+                                    "threads": "xla" if name in JAX_ROWS else nth,
+                                    "row": name, "ns_per_elem": ns, "repeats": reps,
+                                    "floor_ns": floor_s * 1e9, "x_floor": ns / (floor_s * 1e9),
+                                    "bandwidth_GBps": bw / 1e9})
+    over = []
+    if peers and overhead_n:
+        over, why = overhead(overhead_n)
+        skipped.update(why)
     mem = {}
     if memory and have_c:
         for kind in ("sigmoid", "softmax"):
@@ -342,10 +541,24 @@ def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, gammas=GAMMAS, dtypes=
         "python": sys.version.split()[0], "numpy": np.__version__,
         "flags": list(cbuild.build_flags()) if have_c else None,
         "vector_math": bool(getattr(lib, f"derive_{cbuild.DEFAULT_MODULE}_vector_math")()) if lib is not None else None,
-        "sizes": {"sigmoid": sigmoid_n, "softmax": list(softmax_shape)},
+        "sizes": {"sigmoid": sigmoid_n, "softmax": list(softmax_shape), "overhead": overhead_n},
         "peers": _peer_versions(),
+        "threads": {"counts": list(thread_counts), "c_default": omp_default},
+        "load_average": {"before": load_before, "after": _load_average()},
+        "derive.jax backend": jax_backend,
     }
-    return {"info": info, "results": results, "skipped": skipped, "memory": mem}
+    res = {"info": info, "results": results, "skipped": skipped, "memory": mem, "overhead": over}
+    res["ratios"] = ratios(res)
+    return res
+
+
+def _load_average():
+    """The 1, 5 and 15 minute load averages (other processes' share of the CPUs), None where
+    the system does not say."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _cpu_name():
@@ -360,9 +573,27 @@ def _cpu_name():
 
 def _peer_versions():
     out = {}
-    for mod in ("torch", "jax"):
+    for mod in ("torch", "jax", "optax"):
         if mod in sys.modules:
             out[mod] = getattr(sys.modules[mod], "__version__", "?")
+    return out
+
+
+#: (ours, peer): the comparisons printed for every configuration where both rows ran
+RATIOS = (("derive.torch op", "torch.compile"), ("derive.torch op", "torch eager"),
+          ("derive.jax op", "optax jit"), ("derive.jax op", "jax jit"))
+
+
+def ratios(res) -> list:
+    """How many times faster each derive op is than its peers, same configuration and threads:
+    {"kernel", "dtype", "gamma", "threads", "ours", "peer", "x_faster"} (peer time / ours)."""
+    by = {(r["kernel"], r["dtype"], r["gamma"], r["threads"], r["row"]): r["ns_per_elem"] for r in res["results"]}
+    out = []
+    for (kernel, dtype, gamma, thr, row), ns in by.items():
+        for ours, peer in RATIOS:
+            if row == ours and (kernel, dtype, gamma, thr, peer) in by:
+                out.append({"kernel": kernel, "dtype": dtype, "gamma": gamma, "threads": thr, "ours": ours,
+                            "peer": peer, "x_faster": by[(kernel, dtype, gamma, thr, peer)] / ns})
     return out
 
 
@@ -389,6 +620,27 @@ def format_table(res) -> str:
             faster = f"{r['ns_per_elem'] / ref:8.1f}x" if ref and r["row"] != "generated C" else ""
             lines.append(f"{'':<15} {'':<8} {'':>5} {str(r['threads']):>4}  {r['row']:<18} {r['ns_per_elem']:8.2f}"
                          f" {r['x_floor']:8.1f} {faster:>9}")
+    thr = info.get("threads", {})
+    lines.append("thr: torch.set_num_threads and the C kernels' threads (generated C: threads=; derive.torch passes "
+                 "torch's count to the C); xla: XLA's own thread pool, with derive.jax's C kernels on the C default "
+                 f"({thr.get('c_default')} threads)" + (f"; derive.jax through {info['derive.jax backend']}"
+                                                        if info.get("derive.jax backend") else ""))
+    load = info.get("load_average") or {}
+    if load.get("before"):
+        lines.append(f"load average (1, 5, 15 min) before: {', '.join(map(str, load['before']))}; after: "
+                     f"{', '.join(map(str, load['after'] or ()))} ({os.cpu_count()} CPUs)")
+    if res.get("ratios"):
+        lines.append("ratios (peer's time / the derive op's time, same configuration and threads):")
+        for r in res["ratios"]:
+            lines.append(f"  {r['kernel']:<15} {r['dtype']:<8} gamma {r['gamma']:<4g} thr {str(r['threads']):>4}: "
+                         f"{r['ours'] + ' vs ' + r['peer']:<34} {r['x_faster']:6.2f}x")
+    if res.get("overhead"):
+        n = res["overhead"][0]["n"]
+        lines.append(f"per-call cost at {n:,} float32 elements (sigmoid focal, gamma 2; median of batches of calls):")
+        for r in res["overhead"]:
+            lines.append(f"  {r['row']:<34} {r['us_per_call']:8.1f} us  (thr {r['threads']})")
+        for what, us in overhead_figures(res["overhead"]):
+            lines.append(f"  overhead of the {what} (minus the empty op's): {us:.1f} us")
     for name, why in sorted(res["skipped"].items()):
         lines.append(f"{name}: {why}")
     for kind, m in res["memory"].items():
@@ -448,6 +700,15 @@ def targets(res) -> list:
                 if g and te:
                     out.append((f"generated NumPy {kind} {dtype} gamma {gamma:g} faster than torch eager",
                                 g["ns_per_elem"] < te["ns_per_elem"], f"{te['ns_per_elem'] / g['ns_per_elem']:.2f}x"))
+    for r in res.get("ratios", ()):
+        if (r["ours"], r["peer"], r["kernel"], r["dtype"], r["gamma"]) == \
+                ("derive.torch op", "torch.compile", "sigmoid focal", "float32", 2.0):
+            out.append((f"derive.torch op float32 sigmoid focal, gamma 2, {r['threads']} thread(s), fwd+bwd: 5x faster "
+                        "than torch.compile of torchvision's formula", r["x_faster"] >= 5, f"{r['x_faster']:.1f}x"))
+    for what, us in overhead_figures(res.get("overhead", ())):
+        if what.startswith("derive.torch"):
+            out.append((f"{what} at {res['info']['sizes']['overhead']:,} elements: per-call overhead under 20 us",
+                        us < 20, f"{us:.1f} us"))
     for kind, m in res.get("memory", {}).items():
         if m.get("extra_bytes_out") is not None:
             out.append((f"C {kind}: no memory beyond the outputs (out=)", m["extra_bytes_out"] <= 2**20,
@@ -468,4 +729,5 @@ def main(argv=None, out_path="out/bench-kernels.json", **kw) -> int:
     return 0
 
 
-__all__ = ["run", "format_table", "targets", "main", "closed_form_numpy", "lambdified_closed_form"]
+__all__ = ["run", "format_table", "targets", "ratios", "overhead", "main", "closed_form_numpy",
+           "lambdified_closed_form"]
