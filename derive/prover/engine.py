@@ -739,6 +739,36 @@ def _split_targets(expr):
     return targets, conds
 
 
+def _forced_root(cond, value):
+    """{v: root} when the case cond = value leaves one point of a symbol v: t = lhs - rhs = 0 because the case
+    says t == 0, or t > 0 is false where t >= 0 is known (a bounded parameter at its closed end: clip > 0 false
+    with clip in [0, 1) is clip = 0), and t's numerator is linear in v with a nonzero rational coefficient (the
+    case's points all have v = root: substituting it is exact).  Else None (the condition alone is replaced)."""
+    if not isinstance(cond, sp.core.relational.Relational):
+        return None
+    try:
+        t = sp.factor(sp.cancel(sp.together(cond.lhs - cond.rhs)))  # as _decide_relation: signs show factored
+    except Exception:
+        return None
+    zero = {(sp.Eq, True): True, (sp.Ne, False): True,
+            (sp.StrictGreaterThan, False): t.is_nonnegative, (sp.LessThan, True): t.is_nonnegative,
+            (sp.StrictLessThan, False): t.is_nonpositive, (sp.GreaterThan, True): t.is_nonpositive}
+    if not zero.get((type(cond), value is sp.true)):
+        return None
+    try:
+        num, _ = sp.fraction(t)
+        for v in sorted(num.free_symbols, key=sp.default_sort_key):
+            poly = sp.Poly(num, v)
+            if poly.degree() != 1:
+                continue
+            a, r = poly.all_coeffs()
+            if a.is_Rational and a != 0 and not r.has(v):
+                return {v: -r / a}
+    except Exception:
+        return None
+    return None
+
+
 def _decide_relation(rel):
     """sp.true / sp.false when the sign of lhs - rhs, factored, is known from the symbols'
     assumptions; else None."""
@@ -1295,7 +1325,9 @@ class Prover:
         if conds:
             cond = sorted(set(conds), key=sp.default_sort_key)[0]
             for value in (sp.true, sp.false):
-                yield from self._refine(e.xreplace({cond: value}), atoms_ok, depth + 1, count)
+                case = e.xreplace({cond: value})
+                at = _forced_root(cond, value)
+                yield from self._refine(case.xreplace(at) if at else case, atoms_ok, depth + 1, count)
             return
         for node in sorted((n for n in e.atoms(sp.Abs, sp.sign)
                             if not (n.args[0].is_positive or n.args[0].is_negative or n.args[0].is_zero)),
