@@ -253,8 +253,9 @@ def _py_kernel(py, name):
 
 
 def test_numpy_kernels_share_one_exp_and_take_power_shortcuts(rendered):
-    """sigmoid(+-v) and softplus(+-v) of one v share e^-|v| (one _expabs per kernel, no other
-    exp); a power of gamma goes through _pow; every kernel takes loss= and grad=."""
+    """sigmoid(+-v), softplus(+-v) and sigmoid(v)^gamma of one v share e^-|v| (one _expabs per kernel,
+    no other exp); sigmoid(v)^gamma goes through _sigmoid_pow, another power of gamma through _pow;
+    every kernel takes loss= and grad=."""
     import sympy as sp
 
     from derive.codegen.kernels import load_kernels
@@ -267,14 +268,14 @@ def test_numpy_kernels_share_one_exp_and_take_power_shortcuts(rendered):
             body = _py_kernel(py, f"{name}_{dt}")
             assert body.count("_expabs(") == 1, (name, dt)
             shared = re.search(r"(\w+_e) = _expabs\(", body).group(1)
-            calls = re.findall(r"_(?:sigmoid|softplus)\(([^()]*)\)", body)
+            calls = re.findall(r"_(?:sigmoid|softplus|sigmoid_pow)\(([^()]*)\)", body)
             assert calls and all(c.endswith(", " + shared) for c in calls), (name, dt, calls)
             assert "numpy.exp(" not in body and "numpy.power(" not in body
             # numpy.where only where the derivation's own where() is (FL*'s two regimes of z)
             assert ("numpy.where(" in body) == (name in with_where), (name, dt)
             assert "loss=None, grad=None):" in body and "for lo in range(0, xs.size, _BLOCK):" in body
-            if name != "sigmoid_ce" and name != "focal_star":
-                assert "_pow(" in body and ", gamma)" in body
+            if name != "sigmoid_ce" and name != "focal_star":  # sigmoid(v)^gamma: one helper, sharing e^-|v|
+                assert re.search(r"_sigmoid_pow\(\w+, gamma, %s\)" % shared, body), (name, dt)
         for name in ("softmax_ce", "softmax_focal"):
             body = _py_kernel(py, f"{name}_{dt}")
             assert "ignore_index, loss=None, grad=None):" in body and "numpy.power(" not in body

@@ -214,7 +214,7 @@ def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR,
     models = [_kernel_model(p, file) for p in preps]
     dtypes = [
         {"dtype": dt, "ctype": cfg.ctype, "suffix": cfg.suffix, "max_name": cfg.max_name,
-         "exp_zero": cfg.exp_zero,
+         "exp_zero": cfg.exp_zero, "expm1mx_terms": 16 if dt == "f64" else 10,
          "name": "float32" if dt == "f32" else "float64", "promote": dt == "f32" and NUMPY_F32_PROMOTED}
         for dt, cfg in _k.C_CONFIGS.items()
     ]

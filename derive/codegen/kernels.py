@@ -212,7 +212,7 @@ def print_c(prep: Prepared, dtype: str) -> Printed:
                    {k: pr.doprint(v) for k, v in prep.extra_exprs.items()})
 
 
-_LOGISTIC = ("sigmoid", "softplus")  # the functions that share e^-|v| in the NumPy module
+_LOGISTIC = ("sigmoid", "softplus", "sigmoid_pow")  # the functions that share e^-|v| in the NumPy module
 
 
 def _shared_logistic(temps, reduced):
@@ -242,7 +242,7 @@ def _shared_logistic(temps, reduced):
 
 
 def print_numpy(prep: Prepared) -> Printed:
-    temps, reduced = _cse(prep.exprs)
+    temps, reduced = _cse({k: with_sigmoid_pow(v) for k, v in prep.exprs.items()})
     negations, shared, lines = _shared_logistic(temps, reduced)
     pr = numpy_printer(_ranks(temps), shared, negations)
     printed = [(str(s), pr.doprint(e)) for s, e in temps]

@@ -3,13 +3,17 @@
 SymPy's own printers do the work (``C99CodePrinter`` with a float32/float64 type alias, so
 that ``exp`` becomes ``expf`` and literals get an ``F`` in float32; ``NumPyPrinter`` for the
 NumPy module).  The subclasses only add the functions SymPy does not know: ``sigmoid``,
-``softplus`` and ``xexpm1inv`` become calls to small helpers defined once in each template, so
+``softplus``, ``xexpm1inv`` and ``expm1mx`` become calls to small helpers defined once in each template, so
 that ``softplus`` is printed as a softplus, never as ``log(1 + exp(...))``.  ``log1p`` and
 ``expm1`` are SymPy's and print as themselves.
 
-NumPy only (the C output does not depend on it): sigmoid and softplus calls whose arguments
-agree up to sign take the name of a shared ``_expabs(v)`` temporary, and a power with a
-symbolic exponent (gamma) prints as ``_pow``, which has shortcuts for gamma = 0, 1/2, 1, 2.
+Both backends print sigmoid(v)^g with a symbolic g (gamma) as one helper call (``sigmoid_pow``,
+see :func:`with_sigmoid_pow`) that evaluates e^(-g softplus(-v)) with g*softplus(-v) kept as
+hi + lo: a pow of a rounded sigmoid multiplies the sigmoid's rounding error by g.
+
+NumPy only (the C output does not depend on it): sigmoid, softplus and sigmoid_pow calls whose
+arguments agree up to sign take the name of a shared ``_expabs(v)`` temporary, and any other
+power with a symbolic exponent prints as ``_pow``, which has shortcuts for gamma = 0, 1/2, 1, 2.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ UNBOUNDED_NAMES = frozenset({"xi", "u", "zh", "zl"})
 
 def magnitude_rank(expr, ranks=None) -> int:
     """0: in [0, 1] (sigmoid, its powers, e^u with u <= 0); 1: moderate (parameters, labels,
-    numbers); 2: possibly huge (softplus, xexpm1inv, logits, u).
+    numbers); 2: possibly huge (softplus, xexpm1inv, expm1mx, logits, u).
 
     Products are printed in increasing rank so that C and NumPy, which multiply left to
     right, form 0*gamma before multiplying by a huge softplus: 0*(gamma*huge) could be
@@ -43,7 +47,7 @@ def magnitude_rank(expr, ranks=None) -> int:
     name = type(expr).__name__
     if name in ("sigmoid", "sigmoid_pow") or (name == "exp" and _rank_arg(expr, ranks) <= 2):
         return 0
-    if name in ("softplus", "xexpm1inv", "log", "log1p"):
+    if name in ("softplus", "xexpm1inv", "expm1mx", "log", "log1p"):
         return 2
     if expr.is_Pow:
         base = magnitude_rank(expr.base, ranks)
@@ -140,6 +144,9 @@ class KernelCPrinter(_SafeMulMixin, C99CodePrinter):
     def _print_xexpm1inv(self, expr):
         return self._helper("xexpm1inv", expr)
 
+    def _print_expm1mx(self, expr):
+        return self._helper("expm1mx", expr)
+
     def _print_sigmoid_pow(self, expr):
         v, g = expr.args
         return "derive_sigmoid_pow%s(%s, %s)" % (self.config.suffix, self._print(v), self._print(g))
@@ -213,6 +220,15 @@ class KernelNumPyPrinter(_SafeMulMixin, NumPyPrinter):
 
     def _print_xexpm1inv(self, expr):
         return self._helper("xexpm1inv", expr)
+
+    def _print_expm1mx(self, expr):
+        return self._helper("expm1mx", expr)
+
+    def _print_sigmoid_pow(self, expr):
+        # the template's _sigmoid_pow: e^(-g softplus(-v)) with g*softplus(-v) kept as hi + lo, as C's helper
+        v, g = expr.args
+        shared = self.shared.get(abs_key(v, self.negations))
+        return "_sigmoid_pow(%s, %s%s)" % (self._print(v), self._print(g), ", " + shared if shared else "")
 
     def _print_Pow(self, expr, rational=False):
         # numpy.power and _pow keep pow(0, 0) = 1, which gamma = 0 needs; _pow (a scalar

@@ -39,7 +39,7 @@ from typing import Callable, Mapping
 
 import sympy as sp
 
-from derive.language.functions import D, expm1, log1p, sigmoid, softplus, xexpm1inv
+from derive.language.functions import D, expm1, expm1mx, log1p, sigmoid, softplus, xexpm1inv
 
 MAX_LENGTH = 20_000
 MAX_DEPTH = 32  # the shipped files nest 6 deep; SymPy's printers and algorithms recurse per level
@@ -50,7 +50,7 @@ _MAX_BITS = int(MAX_DIGITS * 3.3219280948873626) + 1
 MAX_CONSTANT_NESTING = 4
 #: arguments of one call (max and min take two or more)
 MAX_ARGS = 16
-#: |argument| of exp, sigmoid, softplus, expm1 and xexpm1inv when the argument is a constant
+#: |argument| of exp, sigmoid, softplus, expm1, xexpm1inv and expm1mx when the argument is a constant
 MAX_EXP_ARGUMENT = 10_000
 #: a constant's magnitude, as a power of ten
 MAX_MAGNITUDE_DIGITS = 5000
@@ -162,6 +162,7 @@ FUNCTIONS: dict[str, tuple[int, Callable]] = {
     "log1p": (1, log1p),
     "expm1": (1, expm1),
     "xexpm1inv": (1, xexpm1inv),
+    "expm1mx": (1, expm1mx),
     "where": (3, _where),
     "D": (2, None),  # built specially: second argument must be a name
 }
@@ -626,7 +627,7 @@ def _short(text: str, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-_EXP_LIKE = ("exp", "sigmoid", "softplus", "expm1", "xexpm1inv", "sinh", "cosh", "tanh")
+_EXP_LIKE = ("exp", "sigmoid", "softplus", "expm1", "xexpm1inv", "expm1mx", "sinh", "cosh", "tanh")
 _UNDEFINED = (sp.S.ComplexInfinity, sp.S.NaN, sp.S.Infinity, sp.S.NegativeInfinity, sp.S.ImaginaryUnit)
 
 
@@ -749,6 +750,9 @@ def _enclose(node, memo):
                 value = iv.exp(x) - 1
             elif name == "xexpm1inv":  # decreasing, positive
                 value = iv.mpf([_xexpm1inv_at(iv.mpf(x.b)).a, _xexpm1inv_at(iv.mpf(x.a)).b])
+            elif name == "expm1mx":  # e^u - 1 - u >= 0 (0 at u = 0)
+                value = iv.exp(x) - 1 - x
+                value = iv.mpf([max(value.a, 0), max(value.b, 0)])
             else:
                 value = None
             if value is not None:
@@ -763,7 +767,7 @@ def _enclose(node, memo):
 
 _FUNCTION_NAMES = {sp.exp: "exp", sp.log: "log", sp.Abs: "abs", sp.sign: "sign", sp.sinh: "sinh", sp.cosh: "cosh",
                    sp.tanh: "tanh", sigmoid: "sigmoid", softplus: "softplus",
-                   log1p: "log1p", expm1: "expm1", xexpm1inv: "xexpm1inv"}
+                   log1p: "log1p", expm1: "expm1", xexpm1inv: "xexpm1inv", expm1mx: "expm1mx"}
 
 
 def parse_expression(text: str, names: Mapping[str, sp.Basic]) -> sp.Basic:
