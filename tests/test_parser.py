@@ -90,3 +90,17 @@ def test_no_code_runs(hostile, tmp_path, monkeypatch):
         P(hostile)
     assert calls == []
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_where_sympy_decides_is_refused_not_dropped():
+    """where(sigmoid(-x) > 0, ...) is always true for real x: SymPy would fold it away, and a
+    floating-point guard written that way silently vanished from a kernel (ASL returned NaN at
+    clip = 0); the parser now says so.  An undecided condition and where(c, a, a) still parse."""
+    x = sp.Symbol("x", real=True)
+    clip = sp.Symbol("clip", nonnegative=True)
+    with pytest.raises(ParseError, match="always true"):
+        parse_expression("where(sigmoid(-x) > 0, 1/sigmoid(-x), 0)", {"x": x})
+    with pytest.raises(ParseError, match="always false"):
+        parse_expression("where(exp(x) <= 0, 1, x)", {"x": x})
+    assert isinstance(parse_expression("where(clip > 0, 1/clip, 0)", {"clip": clip}), sp.Piecewise)
+    assert parse_expression("where(x > 0, x, x)", {"x": x}) == x

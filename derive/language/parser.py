@@ -463,7 +463,17 @@ class _Parser:
             decided = self._decide(args[0], tok)
             if decided is not None:  # a constant condition: SymPy's Piecewise fails on some
                 return args[1] if decided else args[2]
-            return self._number(builder(*args), tok, tok.pos)
+            node = builder(*args)
+            if not isinstance(node, sp.Piecewise) and args[1] != args[2]:
+                # SymPy decided the condition from the symbols' assumptions (sigmoid(-x) > 0): the
+                # where() would vanish, and with it a floating-point guard the author meant to keep
+                always = "true" if node == args[1] else "false"
+                raise self.error(f"where({_short(str(args[0]))}, ...): the condition is always {always} for "
+                                 "every value of the symbols (SymPy decides it), so this where() has no effect "
+                                 "and a floating-point guard written this way would be dropped from the kernel: "
+                                 "compare a quantity that can fall on either side, e.g. a parameter at its "
+                                 "closed end (where(clip > 0, ...))", tok)
+            return self._number(node, tok, tok.pos)
         for a in args:
             self._arith(a, name)
         if name == "D":
