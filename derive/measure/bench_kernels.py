@@ -243,23 +243,41 @@ def jax_rows():
     return jax, jnp, out, backend
 
 
-def _per_call(fn, budget_s=2.0, calls=200, samples=15, settle_s=0.0):
-    """Median seconds per call of a fast ``fn``: batches of ``calls`` calls (a per-call timer
-    would time itself), after a warm-up batch."""
+def _per_call(fns, budget_s=2.0, calls=200, samples=15, settle_s=0.0):
+    """``[(fastest, median, calls)]``, seconds per call of each fast function of ``fns``, timed
+    in batches of ``calls`` calls (a per-call timer would time itself) taken in turn, one batch
+    of each function after the other, so that a change of the machine's load falls on all of
+    them alike (an op and its empty op: their difference is the figure).  After a warm-up batch
+    each.  The fastest batch is the figure: a fixed per-call cost is what remains when nothing
+    else ran (other processes' preemptions only add), as timeit's documentation argues."""
     if settle_s:
         time.sleep(settle_s)
-    for _ in range(calls):
-        fn()
-    times = []
-    start = time.perf_counter()
-    for i in range(samples):
-        t0 = time.perf_counter()
+    for fn in fns:
         for _ in range(calls):
             fn()
-        times.append((time.perf_counter() - t0) / calls)
-        if i >= 2 and time.perf_counter() - start > budget_s:
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    for i in range(samples):
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            out.append((time.perf_counter() - t0) / calls)
+        if i >= 2 and time.perf_counter() - start > budget_s * len(fns):
             break
-    return statistics.median(times), len(times) * calls
+    return [(min(t), statistics.median(t), len(t) * calls) for t in times]
+
+
+def _time_pairs(pairs, budget_s, threads):
+    """Rows for ``pairs`` = ((name, fn), ...), each op timed in turn with the empty op after it."""
+    rows = []
+    for k in range(0, len(pairs), 2):
+        names = [name for name, _ in pairs[k:k + 2]]
+        for name, (fast, med, calls) in zip(names, _per_call([fn for _, fn in pairs[k:k + 2]], budget_s,
+                                                            settle_s=SETTLE_S)):
+            rows.append({"row": name, "us_per_call": fast * 1e6, "median_us": med * 1e6, "calls": calls,
+                         "threads": threads})
+    return rows
 
 
 OVERHEAD_N = 1000
@@ -268,10 +286,11 @@ OVERHEAD_N = 1000
 def overhead(n=OVERHEAD_N, budget_s=2.0):
     """Per-call cost of the derive.torch and derive.jax ops on ``n`` float32 logits (sigmoid
     focal loss, gamma = 2, alpha < 0), each beside an empty op of the same shape (``x * 1``),
-    used the same way, so that the difference is what derive adds per call (argument checks,
+    used the same way and timed in turn with it, so that the difference is what derive adds per call (argument checks,
     dispatch, the C call, and the kernel's own few microseconds on ``n`` elements).  torch on
     one thread (``n`` is below the kernels' threading threshold anyway).  ``(rows, skipped)``:
-    rows of {"row", "us_per_call", "calls"}, empty rows where torch is missing."""
+    rows of {"row", "us_per_call" (the fastest batch's), "median_us", "calls"}, none for a
+    missing peer."""
     rows, skipped = [], {}
     rng = np.random.default_rng(0)
     xn = (rng.standard_normal(n) * 3).astype(np.float32)
@@ -302,9 +321,7 @@ def overhead(n=OVERHEAD_N, budget_s=2.0):
             ("derive.torch op, forward", lambda: dt.sigmoid_focal_loss(x, t, alpha=-1, gamma=2.0)),
             ("empty torch op (x*1), forward", lambda: x * 1),
         )
-        for name, fn in pairs:
-            sec, calls = _per_call(fn, budget_s, settle_s=SETTLE_S)
-            rows.append({"row": name, "us_per_call": sec * 1e6, "calls": calls, "n": n, "threads": 1})
+        rows += [dict(r, n=n) for r in _time_pairs(pairs, budget_s, 1)]
     try:
         import jax
         import jax.numpy as jnp
@@ -324,9 +341,7 @@ def overhead(n=OVERHEAD_N, budget_s=2.0):
             ("derive.jax op, jit forward", lambda: ours_f(jx).block_until_ready()),
             ("empty jax op (x*1), jit forward", lambda: empty_f(jx).block_until_ready()),
         )
-        for name, fn in pairs:
-            sec, calls = _per_call(fn, budget_s, settle_s=SETTLE_S)
-            rows.append({"row": name, "us_per_call": sec * 1e6, "calls": calls, "n": n, "threads": "xla"})
+        rows += [dict(r, n=n) for r in _time_pairs(pairs, budget_s, "xla")]
     return rows, skipped
 
 
@@ -546,6 +561,9 @@ def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, gammas=GAMMAS, dtypes=
         "threads": {"counts": list(thread_counts), "c_default": omp_default},
         "load_average": {"before": load_before, "after": _load_average()},
         "derive.jax backend": jax_backend,
+        # torch's CPU allocator asks for transparent huge pages only with this set (NumPy does for
+        # large arrays): unset, every fresh output of a torch row faults in 4 KiB pages
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
     }
     res = {"info": info, "results": results, "skipped": skipped, "memory": mem, "overhead": over}
     res["ratios"] = ratios(res)
@@ -625,6 +643,11 @@ def format_table(res) -> str:
                  "torch's count to the C); xla: XLA's own thread pool, with derive.jax's C kernels on the C default "
                  f"({thr.get('c_default')} threads)" + (f"; derive.jax through {info['derive.jax backend']}"
                                                         if info.get("derive.jax backend") else ""))
+    if "torch" in info["peers"]:
+        thp = info.get("THP_MEM_ALLOC_ENABLE")
+        lines.append(f"torch allocator: THP_MEM_ALLOC_ENABLE={thp}" if thp else
+                     "torch allocator: THP_MEM_ALLOC_ENABLE unset (torch's fresh outputs fault in 4 KiB pages, "
+                     "NumPy's in huge pages: set it to 1 for a torch without that cost)")
     load = info.get("load_average") or {}
     if load.get("before"):
         lines.append(f"load average (1, 5, 15 min) before: {', '.join(map(str, load['before']))}; after: "
@@ -636,9 +659,10 @@ def format_table(res) -> str:
                          f"{r['ours'] + ' vs ' + r['peer']:<34} {r['x_faster']:6.2f}x")
     if res.get("overhead"):
         n = res["overhead"][0]["n"]
-        lines.append(f"per-call cost at {n:,} float32 elements (sigmoid focal, gamma 2; median of batches of calls):")
+        lines.append(f"per-call cost at {n:,} float32 elements (sigmoid focal, gamma 2; fastest batch of calls, "
+                     "median in brackets):")
         for r in res["overhead"]:
-            lines.append(f"  {r['row']:<34} {r['us_per_call']:8.1f} us  (thr {r['threads']})")
+            lines.append(f"  {r['row']:<34} {r['us_per_call']:8.1f} us  ({r['median_us']:.1f})  thr {r['threads']}")
         for what, us in overhead_figures(res["overhead"]):
             lines.append(f"  overhead of the {what} (minus the empty op's): {us:.1f} us")
     for name, why in sorted(res["skipped"].items()):
