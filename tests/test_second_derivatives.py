@@ -223,16 +223,21 @@ def test_hess_against_mpmath_second_derivative_of_the_definition(k, backend):
 @pytest.mark.parametrize("backend", ["numpy", "c"])
 @pytest.mark.parametrize("k", ELEMENTWISE, ids=lambda k: k.name)
 def test_hess_finite_and_accurate_at_saturated_logits(k, backend):
-    """x_t = +-20, +-40 against mpmath (relative error), |x| = 1e4 and the largest double finite, gamma = 0.5."""
-    params = _params(k, gamma=0.5)
-    for tv in _targets(k):
-        x = np.array([-1e308, -1e4, -40.0, -20.0, 20.0, 40.0, 1e4, 1e308])
-        t = np.full_like(x, tv)
-        got = hess(k, backend, x, t, params)
-        assert np.isfinite(got).all(), (k.name, tv, got)
-        mid = slice(2, 6)
-        exact = exact_hess(k, x[mid], t[mid], params)
-        np.testing.assert_allclose(got[mid], exact, rtol=1e-9, atol=0, err_msg=f"{k.name} t={tv}")
+    """x_t = +-20, +-40 against mpmath (relative error, gamma = 0.5); |x| = 1e4, 1e308 and the largest double
+    finite for gamma in {0.5, 2, 20} (gamma * softplus(-x_t) overflows there: a form that multiplies it by an
+    underflowed sigmoid gave 0*inf = NaN)."""
+    big = np.finfo(np.float64).max
+    for g in (0.5, 2.0, 20.0):
+        params = _params(k, gamma=g, gamma_pos=g, gamma_neg=g)
+        for tv in _targets(k):
+            x = np.array([-big, -1e308, -1e4, -40.0, -20.0, 20.0, 40.0, 1e4, 1e308, big])
+            t = np.full_like(x, tv)
+            got = hess(k, backend, x, t, params)
+            assert np.isfinite(got).all(), (k.name, g, tv, got)
+            if g == 0.5:
+                mid = slice(3, 7)
+                exact = exact_hess(k, x[mid], t[mid], params)
+                np.testing.assert_allclose(got[mid], exact, rtol=1e-9, atol=0, err_msg=f"{k.name} t={tv}")
 
 
 # -- softmax: Hessian-vector products -------------------------------------------------------------
