@@ -9,6 +9,9 @@ max(|exact|, smallest normal)).
 * sigmoid_focal_soft, sigmoid_focal_alpha_soft with gamma = 20 where w = 1 - p_t is close to 1 (t small,
   x large): a pow of the rounded w (4.6e-15 in float64 with kappa 0.54, 1.8e-6 in float32); the file now
   proves w^gamma = e^(gamma log1p(-p_t)) where p_t <= 1/2, p_t a sum of non-negative terms.
+* asl, float32 gradients in the subnormal range (gamma_neg = 20): p_m^gamma_neg log(1 - p_m), subnormal, was
+  divided by the small p_m (5.8e-6 and 3.9e-5 relative to the smallest normal); the file now proves the
+  ratio -log(1 - p_m)/p_m formed first.
 * poly1_softmax with epsilon at and near -1, p_t -> 1: -u - epsilon*expm1(u) and
   1 + epsilon*e^u cancelled (relative error 1); the file now proves forms of one-signed terms
   (expm1mx(u) = e^u - 1 - u).
@@ -107,6 +110,32 @@ def test_soft_focal_power_near_one_is_within_the_bounds(kernel, params, dtype, b
     le, ge = le / np.maximum(1, kl), ge / np.maximum(1, np.ravel(kg))
     assert le.max() <= bound, (kernel, params, dtype, backend, SOFT_POINTS[int(le.argmax())], le.max())
     assert ge.max() <= bound, (kernel, params, dtype, backend, SOFT_POINTS[int(ge.argmax())], ge.max())
+
+
+# ------------------------------------------------------------------------------------------
+# 4. ASL: float32 gradients in the subnormal range
+
+ASL_CASES = [((0.0, 20.0, 0.05), [-2.7666666507720947, -2.8106882572174072, -2.77, -2.9, -3.1, -2.6]),
+             ((20.0, 20.0, 0.5), [0.02842247299849987, 0.02934540994465351, 0.01, 0.04, 0.05]),
+             ((0.0, 4.0, 0.05), [-2.77, -3.0, -2.5, 5.0]),
+             # clip = 0: p_m = p is subnormal in float32 below x = -87; a common 1/p_m would overflow there
+             ((0.0, 4.0, 0.0), [-93.46235656738281, -100.0, -89.0, -30.0, 3.0]),
+             ((0.0, 0.0, 0.0), [-93.46235656738281, -100.0, -89.0, -30.0, 3.0])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("params,xs", ASL_CASES)
+def test_asl_subnormal_gradients_are_within_the_bounds(params, xs, dtype, backend):
+    T = DTYPES[dtype]
+    x = np.array(xs * 4, dtype=T)
+    t = np.repeat(np.array([0.0, 1e-3, 0.5, 0.999], dtype=T), len(xs))
+    le, ge = _elementwise("asl", "asl", x, t, params, backend, T)
+    kl, kg = R.reference_for("asl").kappa(x, t, params, T)
+    bound = BOUNDS[dtype]
+    le, ge = le / np.maximum(1, kl), ge / np.maximum(1, np.ravel(kg))
+    assert le.max() <= bound, (params, dtype, backend, float(x[int(le.argmax())]), le.max())
+    assert ge.max() <= bound, (params, dtype, backend, float(x[int(ge.argmax())]), ge.max())
 
 
 # ------------------------------------------------------------------------------------------
