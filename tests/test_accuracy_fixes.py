@@ -211,3 +211,54 @@ def test_expm1mx_numpy_helper_and_reference(dtype):
     assert got.dtype == T
     err = _errors(got, exact, T)
     assert err.max() <= float(np.finfo(T).eps) * 3, err
+
+
+# ------------------------------------------------------------------------------------------
+# Poly-1's Hessian-vector product (double backward) at epsilon = -1, p_t -> 1: the coefficient it scales
+# by is the stable (1 + epsilon) + epsilon*expm1(u), and dcoef = -epsilon e^u expm1(u) is a product
+
+
+def _poly1_hvp(backend, x, target, epsilon, v):
+    import ctypes
+
+    from derive.runtime import cbuild
+
+    if backend == "numpy":
+        return cbuild.load_numpy_module(cbuild.GENERATED_DIR, "poly1").poly1_softmax_hvp_f64(x, target, epsilon,
+                                                                                             -100, v)
+    lib = cbuild.load(cbuild.GENERATED_DIR, "poly1")
+    fn = lib.derive_poly1_softmax_hvp_f64
+    dp, ip = ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int64)
+    fn.argtypes = [ctypes.c_size_t, ctypes.c_size_t, dp, ip, ctypes.c_double, ctypes.c_int64, dp, dp]
+    fn.restype = ctypes.c_int
+    out = np.full(x.shape, np.nan)
+    assert fn(x.shape[0], x.shape[1], x.ctypes.data_as(dp), target.ctypes.data_as(ip), epsilon, -100,
+              v.ctypes.data_as(dp), out.ctypes.data_as(dp)) == 0
+    return out
+
+
+def _mp_poly1_grad(row, t, epsilon):
+    """The gradient of -log p_t + epsilon (1 - p_t) in the logits, from its definition (mpmath)."""
+    m = max(row)
+    e = [mpmath.exp(v - m) for v in row]
+    s = mpmath.fsum(e)
+    p = [v / s for v in e]
+    coef = 1 + epsilon * p[t]  # -p_t dL/dp_t
+    return [coef * (pk - (1 if k == t else 0)) for k, pk in enumerate(p)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("epsilon", [-1.0, -0.999, 1.0])
+def test_poly1_hvp_near_epsilon_minus_one(epsilon, backend):
+    x = np.array([[3.74, -21.0], [3.74, -21.0], [30.0, 0.0], [0.5, -0.25]])
+    target = np.zeros(x.shape[0], dtype=np.int64)
+    v = np.array([[1.0, -0.5], [0.25, 2.0], [1.0, 0.0], [-1.0, 1.0]])
+    got = _poly1_hvp(backend, x, target, epsilon, v)
+    with mpmath.workdps(80):
+        for r in range(x.shape[0]):
+            row, vr = [mpmath.mpf(float(a)) for a in x[r]], [mpmath.mpf(float(a)) for a in v[r]]
+            for k in range(x.shape[1]):
+                exact = mpmath.diff(lambda h: _mp_poly1_grad([a + h * b for a, b in zip(row, vr)], 0,
+                                                             mpmath.mpf(epsilon))[k], 0)
+                err = abs(mpmath.mpf(float(got[r, k])) - exact) / abs(exact)
+                assert err < 1e-13, (r, k, epsilon, backend, float(got[r, k]), float(exact))
