@@ -41,7 +41,7 @@ def test_verify_codegen_compile_accuracy_call(loss_file, tmp_path, monkeypatch):
     assert res.returncode == 0, res.stderr + res.stdout
     import json
 
-    checks = json.loads(res.stdout)["files"][0]["checks"]
+    checks = json.loads(res.stdout)["checks"]
     assert checks and all(c["verdict"] == "proved" for c in checks), [c["verdict"] for c in checks]
 
     # codegen: the module's three files, each with the do-not-edit header
