@@ -330,11 +330,12 @@ def _chain(k, export):
 
 def literal_line(k, role):
     """(derivation, chain, line index) of the closed form behind the export of ``role`` of kernel
-    ``k``: the chain's first line, or the line after it when the first is a derivative D(...)."""
+    ``k``: the chain's first line with no derivative D(...) left in it (ASL's second line still
+    splits D over the sum)."""
     from derive.language.functions import D
 
     d, c = _chain(k, k.exports[role])
-    return d, c, (1 if c.lines[0].expr.has(D) and len(c.lines) > 1 else 0)
+    return d, c, next((i for i, line in enumerate(c.lines) if not line.expr.has(D)), 0)
 
 
 def _literal_expr(k, role):
