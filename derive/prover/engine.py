@@ -59,6 +59,14 @@ MAX_TIMER = 1e6
 MIN_TIMER = 1e-3
 
 
+def _foreign_callback(frame) -> bool:
+    """Whether the interrupted frame is third-party code other than SymPy/mpmath (the strategies run
+    SymPy, mpmath and derive; anything else running is a callback: gc, weakref finalisers)."""
+    name = getattr(getattr(frame, "f_code", None), "co_filename", "") or ""
+    third_party = "site-packages" in name or "dist-packages" in name
+    return third_party and "/sympy/" not in name and "/mpmath/" not in name
+
+
 @contextlib.contextmanager
 def time_limit(seconds: float | None):
     """Raise StrategyTimeout in this block after ``seconds``.
@@ -85,7 +93,9 @@ def time_limit(seconds: float | None):
     active = [True]
 
     def handler(signum, frame):
-        if active[0]:
+        # an alarm that lands in another library's gc or weakref callback (torch, jax, hypothesis)
+        # would be swallowed there as an unraisable exception: let the repeating timer fire again
+        if active[0] and not _foreign_callback(frame):
             raise StrategyTimeout()
 
     old = signal.signal(signal.SIGALRM, handler)
