@@ -133,28 +133,88 @@ class Chain:
 class Context:
     """Symbols, their domains and definitions, as seen by one derivation."""
 
-    names: dict  # name -> sympy Symbol (base symbols and defined symbols alike)
+    names: dict  # name -> sympy Symbol (base symbols and defined symbols alike); IndexedBase for a family
     domains: dict  # Symbol -> Domain (base symbols; defined symbols where declared)
     definitions: dict  # Symbol -> expression (in terms of other names), in dependency order
     latex_names: dict = field(default_factory=dict)
+    #: indexed families: IndexedBase -> Domain of every member (x = { domain = "real", size = "K" })
+    families: dict = field(default_factory=dict)
+    #: indexed definitions: the label Symbol (a key of ``definitions``) -> (its index symbol, IndexedBase):
+    #: p = { expr = "exp(x[k])/S", index = "k" } defines p[i] as the expression with k := i
+    indexed_defs: dict = field(default_factory=dict)
+
+    @property
+    def index_size(self) -> dict:
+        """Index symbols and families -> their size symbol (t = { index = "K" }: t in 0..K-1)."""
+        return getattr(self.names, "index_size", None) or {}
+
+    @property
+    def indexed(self) -> bool:
+        """Whether the context declares indices, families or sums (checked by derive.prover.sums)."""
+        return bool(self.index_size)
 
     @property
     def base_symbols(self):
-        return [s for s in self.names.values() if s not in self.definitions]
+        return [s for s in self.names.values() if isinstance(s, sp.Symbol) and s not in self.definitions]
 
     def expand(self, expr: sp.Basic) -> sp.Basic:
-        """Substitute definitions until only base symbols remain."""
+        """Substitute definitions until only base symbols remain (members p[i] of an indexed definition
+        too: its expression with its index replaced by i)."""
         full = self._expanded_definitions()
-        return expr.xreplace(full) if full else expr
+        out = expr.xreplace(full) if full else expr
+        if self.indexed_defs:
+            for _ in range(len(self.indexed_defs) + 1):
+                if not any(isinstance(a, sp.Indexed) and a.base.label in self.indexed_defs
+                           for a in out.atoms(sp.Indexed)):
+                    break
+                out = out.replace(lambda a: isinstance(a, sp.Indexed) and a.base.label in self.indexed_defs,
+                                  lambda a: self._member(a))
+        return out
+
+    def _member(self, a):
+        k, _ = self.indexed_defs[a.base.label]
+        rhs = subs_free(self.definitions[a.base.label], k, a.indices[0])
+        full = self._expanded_definitions()
+        return rhs.xreplace(full) if full else rhs
 
     def _expanded_definitions(self):
         cache = getattr(self, "_full_defs", None)
         if cache is None:
             cache = {}
             for sym, rhs in self.definitions.items():  # dependency order
+                if sym in self.indexed_defs:
+                    continue
                 cache[sym] = rhs.xreplace(cache)
             self._full_defs = cache
         return cache
+
+
+def subs_free(expr, old, new):
+    """``expr`` with the free occurrences of the index ``old`` replaced by ``new``: a sum over ``old`` binds
+    it (sum(x[k], k) is left as it is)."""
+    if not isinstance(expr, sp.Basic) or old not in expr.free_symbols and not expr.has(old):
+        return expr
+    if isinstance(expr, sp.Sum):
+        if old in expr.variables:
+            return expr
+        return sp.Sum(subs_free(expr.function, old, new), *expr.limits)
+    if expr == old:
+        return new
+    if not expr.args:
+        return expr
+    return expr.func(*[subs_free(a, old, new) for a in expr.args])
+
+
+class Names(dict):
+    """name -> SymPy object, with ``index_size``: index symbols and families -> their size symbol (what
+    the parser needs to read x[k], sum(f, k) and delta(a, b))."""
+
+    def __init__(self, *args, index_size=None, **kw):
+        super().__init__(*args, **kw)
+        self.index_size = dict(index_size or getattr(args[0] if args else None, "index_size", None) or {})
+
+    def copy(self):
+        return Names(self, index_size=self.index_size)
 
 
 @dataclass
@@ -397,14 +457,18 @@ def loads(text: str, path="<string>", deadline=None) -> DerivationFile:
         raise err("[file] module must be an identifier of at most 64 characters (it names the generated files)",
                   lineno=loc.find_key("module"))
 
-    names: dict = {}
+    names: dict = Names()
     domains: dict = {}
     definitions: dict = {}
     latex_names: dict = {}
-    _add_symbols(_require_table(data.get("symbols", {}), "[symbols]", err), names, domains, latex_names, err, loc, None)
+    families: dict = {}
+    indexed_defs: dict = {}
+    _add_symbols(_require_table(data.get("symbols", {}), "[symbols]", err), names, domains, latex_names, err, loc, None,
+                 families=families)
     _add_definitions(_require_table(data.get("definitions", {}), "[definitions]", err),
-                     names, domains, definitions, latex_names, err, loc, None)
-    file_ctx = Context(dict(names), dict(domains), dict(definitions), dict(latex_names))
+                     names, domains, definitions, latex_names, err, loc, None, indexed_defs=indexed_defs)
+    file_ctx = Context(names.copy(), dict(domains), dict(definitions), dict(latex_names), dict(families),
+                       dict(indexed_defs))
 
     raw_derivs = data.get("derivation", [])
     if not isinstance(raw_derivs, list):
@@ -440,13 +504,15 @@ def loads(text: str, path="<string>", deadline=None) -> DerivationFile:
         d_syms = _require_table(rd.get("symbols", {}), "symbols", derr)
         d_deftable = _require_table(rd.get("definitions", {}), "definitions", derr)
         if d_syms or d_deftable:
-            d_names, d_domains, d_defs, d_latex = dict(names), dict(domains), dict(definitions), dict(latex_names)
+            d_names, d_domains, d_defs, d_latex = names.copy(), dict(domains), dict(definitions), dict(latex_names)
+            d_fam, d_idefs = dict(families), dict(indexed_defs)
             _add_symbols(d_syms, d_names, d_domains, d_latex, derr, loc, d_line, definitions=d_defs,
-                         allow_override=True)
-            _add_definitions(d_deftable, d_names, d_domains, d_defs, d_latex, derr, loc, d_line)
-            ctx = Context(d_names, d_domains, d_defs, d_latex)
+                         allow_override=True, families=d_fam)
+            _add_definitions(d_deftable, d_names, d_domains, d_defs, d_latex, derr, loc, d_line, indexed_defs=d_idefs)
+            ctx = Context(d_names, d_domains, d_defs, d_latex, d_fam, d_idefs)
         else:  # nothing of its own: share the file's tables (read-only), no copy per derivation
-            ctx = Context(file_ctx.names, file_ctx.domains, file_ctx.definitions, file_ctx.latex_names)
+            ctx = Context(file_ctx.names, file_ctx.domains, file_ctx.definitions, file_ctx.latex_names,
+                          file_ctx.families, file_ctx.indexed_defs)
         d_assume = _load_assume(rd, ctx, derr, loc, d_line)
         chains_raw = rd.get("chain")
         if not isinstance(chains_raw, list) or not chains_raw:
@@ -519,7 +585,38 @@ def _tick(loc):
         raise DerivationFileError(loc.path, "loading the file ran past the time limit (--timeout)")
 
 
-def _add_symbols(table, names, domains, latex_names, err, loc, after, definitions=None, allow_override=False):
+def _size_symbol(name, key, text, names, domains, definitions, err, lineno):
+    """The size K of an index or a family: a declared base symbol with an integer domain of at least 1."""
+    what = f"symbol {_q(name)}: {key} = {_q(text)}"
+    if not isinstance(text, str):
+        raise err(f"symbol {_q(name)}: {key} must name a declared integer symbol, e.g. {key} = \"K\"", lineno=lineno)
+    size = names.get(text)
+    if size is None or isinstance(size, sp.IndexedBase):
+        raise err(f"{what}: {_q(text)} is not a declared symbol (declare the number of classes first, e.g. "
+                  f"K = \"integer [2, oo)\", above {name})", lineno=lineno)
+    dom = domains.get(size)
+    if (definitions and size in definitions) or dom is None or not dom.integer or dom.lo is None or dom.lo < 1 \
+            or size in names.index_size:
+        got = f"has domain {dom.text!r}" if dom is not None else "is a definition"
+        raise err(f"{what}: the size must be a base symbol with an integer domain of at least 1, such as "
+                  f"\"integer [2, oo)\" ({text} {got})", lineno=lineno)
+    return size
+
+
+def _family_base(name, dom):
+    """The IndexedBase of a family, with the SymPy assumptions of its members' domain."""
+    kw = {"real": True}
+    if dom.integer:
+        kw["integer"] = True
+    if dom.lo is not None and (dom.lo > 0 or (dom.lo == 0 and dom.lo_open)):
+        kw["positive"] = True
+    elif dom.lo is not None and dom.lo >= 0:
+        kw["nonnegative"] = True
+    return sp.IndexedBase(name, **kw)
+
+
+def _add_symbols(table, names, domains, latex_names, err, loc, after, definitions=None, allow_override=False,
+                 families=None):
     for name, spec in table.items():
         lineno = loc.find_key(name, after or 0)
         try:
@@ -528,18 +625,47 @@ def _add_symbols(table, names, domains, latex_names, err, loc, after, definition
             raise err(str(exc), lineno=lineno) from None
         latex = None
         if isinstance(spec, dict):
-            unknown = set(spec) - {"domain", "latex"}
+            unknown = set(spec) - {"domain", "latex", "index", "size"}
             if unknown:
-                raise err(f"symbol {_q(name)}: unknown key(s) {_keys(unknown)}", lineno=lineno)
+                raise err(f"symbol {_q(name)}: unknown key(s) {_keys(unknown)} (allowed: domain, index, latex, "
+                          "size)", lineno=lineno)
             latex = spec.get("latex")
             if latex is not None and not isinstance(latex, str):
                 raise err(f"symbol {_q(name)}: latex must be a string", lineno=lineno)
+            if "index" in spec or "size" in spec:
+                if "index" in spec and ("size" in spec or "domain" in spec):
+                    raise err(f"symbol {_q(name)}: an index (index = \"K\": an integer in 0..K-1) takes no domain "
+                              "or size", lineno=lineno)
+                if name in names:
+                    raise err(f"symbol {_q(name)} is declared twice (an index or a family cannot be redeclared)",
+                              lineno=lineno)
+                if not isinstance(names, Names):
+                    raise err(f"symbol {_q(name)}: indices and families are declared in [symbols]", lineno=lineno)
+                key = "index" if "index" in spec else "size"
+                size = _size_symbol(name, key, spec[key], names, domains, definitions, err, lineno)
+                if key == "index":
+                    sym = sp.Symbol(name, integer=True, nonnegative=True)
+                    names[name] = sym
+                    domains[sym] = Domain.parse("integer [0, oo)")
+                    names.index_size[sym] = size
+                else:
+                    dom = _domain(spec.get("domain", "real"), f"symbol {_q(name)}", err, lineno)
+                    base = _family_base(name, dom)
+                    names[name] = base
+                    if families is not None:
+                        families[base] = dom
+                    names.index_size[base] = size
+                if latex:
+                    latex_names[names[name]] = latex
+                continue
             spec = spec.get("domain", "real")
         dom = _domain(spec, f"symbol {_q(name)}", err, lineno)
         if name in names:
             sym = names[name]
             if not allow_override:
                 raise err(f"symbol {_q(name)} is declared twice", lineno=lineno)
+            if isinstance(sym, sp.IndexedBase) or sym in getattr(names, "index_size", {}):
+                raise err(f"{_q(name)} is an index or a family; its domain cannot be redeclared", lineno=lineno)
             if definitions and sym in definitions:
                 raise err(f"{_q(name)} is a definition; its domain cannot be redeclared", lineno=lineno)
         else:
@@ -556,7 +682,7 @@ def _keys(keys):
     return "[" + ", ".join(_q(k, 30) for k in sorted(keys)[:5]) + (", ..." if len(keys) > 5 else "") + "]"
 
 
-def _add_definitions(table, names, domains, definitions, latex_names, err, loc, after):
+def _add_definitions(table, names, domains, definitions, latex_names, err, loc, after, indexed_defs=None):
     for name, spec in table.items():
         _tick(loc)
         lineno = loc.find_key(name, after or 0)
@@ -566,14 +692,20 @@ def _add_definitions(table, names, domains, definitions, latex_names, err, loc, 
             raise err(str(exc), lineno=lineno) from None
         if name in names:
             raise err(f"{_q(name)} is already declared; a definition needs a new name", lineno=lineno)
-        domain_text, latex = None, None
+        domain_text, latex, index = None, None, None
         if isinstance(spec, dict):
-            unknown = set(spec) - {"expr", "domain", "latex"}
+            unknown = set(spec) - {"expr", "domain", "latex", "index"}
             if unknown:
                 raise err(f"definition {_q(name)}: unknown key(s) {_keys(unknown)}", lineno=lineno)
             if "expr" not in spec:
                 raise err(f"definition {_q(name)} needs expr = \"...\"", lineno=lineno)
-            domain_text, latex, spec = spec.get("domain"), spec.get("latex"), spec["expr"]
+            domain_text, latex, index, spec = spec.get("domain"), spec.get("latex"), spec.get("index"), spec["expr"]
+            if index is not None:
+                isym = names.get(index) if isinstance(index, str) else None
+                if isym is None or isym not in getattr(names, "index_size", {}) or isinstance(isym, sp.IndexedBase):
+                    raise err(f"definition {_q(name)}: index = {_q(index)} must name a declared index (k = "
+                              "{ index = \"K\" } in [symbols])", lineno=lineno)
+                index = isym
             if latex is not None and not isinstance(latex, str):
                 raise err(f"definition {_q(name)}: latex must be a string", lineno=lineno)
         if not isinstance(spec, str):
@@ -593,8 +725,18 @@ def _add_definitions(table, names, domains, definitions, latex_names, err, loc, 
         if expr.has(D):
             raise err(f"definition {_q(name)} may not contain D(...); write the derivative in a chain",
                       lineno=lineno)
-        sym = sp.Symbol(name, real=True)
-        names[name] = sym
+        if index is not None:  # p[i] = expr with index := i; its members are what the lines use
+            if any(isinstance(sm, sp.Sum) and index in sm.variables for sm in sp.preorder_traversal(expr)):
+                raise err(f"definition {_q(name)}: its index {index} is also summed over inside it", lineno=lineno)
+            base = sp.IndexedBase(name, real=True)
+            sym = base.label
+            names[name] = base
+            names.index_size[base] = names.index_size[index]
+            if indexed_defs is not None:
+                indexed_defs[sym] = (index, base)
+        else:
+            sym = sp.Symbol(name, real=True)
+            names[name] = sym
         definitions[sym] = expr
         if domain_text is not None:
             domains[sym] = _domain(domain_text, f"definition {_q(name)}", err, lineno)
@@ -729,7 +871,7 @@ def _load_instances(raw, ctx, derr, loc, d_line):
     for name, spec in raw.items():
         if not isinstance(spec, dict):
             raise derr(f"instance {_q(name)} must be a table of symbol = expression")
-        local = dict(ctx.names)
+        local = Names(ctx.names)
         extra = {}
         new_syms = spec.get("new_symbols", {})
         if not isinstance(new_syms, dict):

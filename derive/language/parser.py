@@ -15,7 +15,13 @@ Grammar (lowest precedence first)::
     term       := unary (('*' | '/') unary)*          implicit products are not accepted
     unary      := ('-' | '+') unary | power
     power      := atom [ ('^' | '**') unary ]          right associative, binds tighter than unary minus
-    atom       := NUMBER | NAME | NAME '(' expr (',' expr)* ')' | '(' expr ')'
+    atom       := NUMBER | NAME | NAME '[' NAME ']' | NAME '(' expr (',' expr)* ')' | '(' expr ')'
+
+Indexed families (``x[k]`` with ``x = { domain = "real", size = "K" }``) and index symbols
+(``k = { index = "K" }``, an integer in 0..K-1) are told to the parser by the names table: a family
+is a SymPy ``IndexedBase`` in it, and the table's ``index_size`` attribute maps each index symbol
+(and each family) to its size symbol.  ``sum(f, k)`` is ``Sum(f, (k, 0, K - 1))``, ``delta(a, b)``
+is ``KroneckerDelta(a, b)``; an index of one size cannot index a family of another (out of range).
 
 Parsing is bounded in time and memory whatever the text: the length, the nesting depth, the
 digits of every literal and of every exact number SymPy computes from them are limited, a
@@ -76,7 +82,7 @@ _TOKEN = re.compile(
     (?P<ws>\s+)
   | (?P<num>(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)
   | (?P<name>[A-Za-z_\u0370-\u03ff][A-Za-z0-9_\u0370-\u03ff]*)
-  | (?P<op>\*\*|==|!=|<=|>=|[-+*/^(),<>])
+  | (?P<op>\*\*|==|!=|<=|>=|[-+*/^(),<>\[\]])
     """,
     re.VERBOSE,
 )
@@ -164,7 +170,9 @@ FUNCTIONS: dict[str, tuple[int, Callable]] = {
     "xexpm1inv": (1, xexpm1inv),
     "expm1mx": (1, expm1mx),
     "where": (3, _where),
-    "D": (2, None),  # built specially: second argument must be a name
+    "D": (2, None),  # built specially: second argument must be a name or a family member x[j]
+    "sum": (2, None),  # sum(f, k): built specially, k an index symbol ([symbols] k = { index = "K" })
+    "delta": (2, None),  # delta(a, b): one-hot, 1 when the indices a and b are equal, else 0
 }
 
 _RELATIONS = {
@@ -179,7 +187,11 @@ _RELATIONS = {
 #: words of conditions (where(x > 0 and y < 1, ...))
 LOGIC_WORDS = {"and", "or", "not"}
 
-RESERVED = set(FUNCTIONS) | {"pi", "oo", "otherwise"} | LOGIC_WORDS
+#: functions whose names a file may still declare as symbols (huber's delta): the name followed by '('
+#: is the function, alone it is the symbol
+SOFT_FUNCTIONS = {"sum", "delta"}
+
+RESERVED = (set(FUNCTIONS) - SOFT_FUNCTIONS) | {"pi", "oo", "otherwise"} | LOGIC_WORDS
 
 
 def _is_condition(node) -> bool:
@@ -391,7 +403,7 @@ class _Parser:
                 raise self.error(f"names starting with '_' are not allowed: {tok.text!r}", tok)
             if self.peek().text == "(" and self.peek().kind == "op":
                 return self.call(name, tok)
-            if name in FUNCTIONS:
+            if name in FUNCTIONS and not (name in SOFT_FUNCTIONS and name in self.names):
                 raise self.error(f"function {name!r} needs arguments, e.g. {name}(x)", tok)
             if name in LOGIC_WORDS:
                 raise self.error(f"{name!r} joins two conditions, as in where(x > 0 {name} y < 1, a, b)"
@@ -401,7 +413,13 @@ class _Parser:
                 return sp.pi
             if name not in self.names:
                 raise self.error(f"undefined name {_short(tok.text)!r}", tok)
-            return self.names[name]
+            obj = self.names[name]
+            if isinstance(obj, sp.IndexedBase):
+                return self.member(obj, name, tok)
+            if self.peek().text == "[" and self.peek().kind == "op":
+                raise self.error(f"{_short(name)!r} is not an indexed family (declare it with size = \"K\" to "
+                                 f"write {_short(name)}[k])", self.peek())
+            return obj
         if tok.kind == "op" and tok.text == "(":
             self.enter()
             node = self.expr()
@@ -416,6 +434,51 @@ class _Parser:
         if tok.text == ")":
             raise self.error("unbalanced parentheses: unexpected ')'", tok)
         raise self.error(f"unexpected {tok.text!r}", tok)
+
+    def _index_sizes(self):
+        return getattr(self.names, "index_size", None) or {}
+
+    def _index(self, node, what, tok):
+        """The size symbol of an index symbol, or a clear error."""
+        size = self._index_sizes().get(node) if isinstance(node, sp.Symbol) else None
+        if size is None:
+            shown = _short(str(node))
+            raise self.error(f"{what}: {shown!r} is not a declared index (declare it in [symbols] as "
+                             f"{shown if NAME_RE.match(shown) else 'k'} = {{ index = \"K\" }}, an integer in "
+                             "0..K-1)", tok)
+        return size
+
+    def member(self, base, name, tok):
+        """x[i]: a member of the family x, i an index symbol of the family's size."""
+        br = self.peek()
+        if br.text != "[" or br.kind != "op":
+            raise self.error(f"{_short(name)!r} is an indexed family: write {_short(name)}[k] with a declared "
+                             "index k", tok)
+        self.take()
+        itok = self.peek()
+        if itok.kind == "num":
+            raise self.error(f"{_short(name)}[{_short(itok.text)}]: a fixed class number may be out of range; "
+                             f"index families by a declared index (k = {{ index = \"K\" }})", itok)
+        if itok.kind != "name":
+            raise self.error(f"{_short(name)}[...]: expected an index name, found "
+                             f"{'end of expression' if itok.kind == 'end' else repr(itok.text)}", itok)
+        self.take()
+        iname = GREEK.get(itok.text, itok.text)
+        if iname not in self.names:
+            raise self.error(f"{_short(name)}[{_short(iname)}]: {_short(iname)!r} is not declared (declare the "
+                             f"index in [symbols] as {_short(iname)} = {{ index = \"K\" }})", itok)
+        idx = self.names[iname]
+        size = self._index(idx, f"{_short(name)}[{_short(iname)}]", itok)
+        fsize = self._index_sizes().get(base)
+        if fsize is not None and size != fsize:
+            raise self.error(f"{_short(name)}[{_short(iname)}]: index out of range: {iname} runs over "
+                             f"0..{size}-1 but {name} over 0..{fsize}-1", itok)
+        if self.peek().text != "]":
+            found = "end of expression" if self.peek().kind == "end" else repr(self.peek().text)
+            raise self.error(f"{_short(name)}[{_short(iname)}...: expected ']', found {found} (an index is one "
+                             "declared index name)")
+        self.take()
+        return base[idx]
 
     def call(self, name: str, tok: Token):
         if name not in FUNCTIONS:
@@ -478,9 +541,27 @@ class _Parser:
             self._arith(a, name)
         if name == "D":
             f, v = args
-            if not isinstance(v, sp.Symbol):
-                raise self.error("D(f, v): v must be a declared symbol or definition name", tok)
+            if not isinstance(v, (sp.Symbol, sp.Indexed)):
+                raise self.error("D(f, v): v must be a declared symbol, a definition name or a family member "
+                                 "x[j]", tok)
+            if isinstance(v, sp.Symbol) and v in self._index_sizes():
+                raise self.error(f"D(f, {v}): {v} is an index (an integer); differentiate by a family member "
+                                 f"such as x[{v}]", tok)
             return D(f, v)
+        if name == "sum":
+            f, k = args
+            size = self._index(k, "sum(f, k)", tok)
+            if any(isinstance(s, sp.Sum) and k in s.variables for s in sp.preorder_traversal(f)):
+                raise self.error(f"sum(f, {k}): f already sums over {k}; name the inner index differently", tok)
+            return sp.Sum(f, (k, 0, size - 1))
+        if name == "delta":
+            a, b = args
+            sa = self._index(a, "delta(a, b)", tok)
+            sb = self._index(b, "delta(a, b)", tok)
+            if sa != sb:
+                raise self.error(f"delta({a}, {b}): the indices run over different ranges (0..{sa}-1 and "
+                                 f"0..{sb}-1)", tok)
+            return sp.KroneckerDelta(a, b)
         self._check_argument(name, args[0], tok)
         return self._number(builder(*args), tok, tok.pos)
 

@@ -874,6 +874,11 @@ class Prover:
         self.instance_symbols = instance_symbols or {}
         self._points: dict = {}
         self.proved_domains: set = set()  # defined symbols whose declared domain is proved
+        self._sums = None  # indices, families and sums: derive.prover.sums decides the steps that use them
+        if getattr(ctx, "indexed", False):
+            from derive.prover.sums import IndexedChecker
+
+            self._sums = IndexedChecker(self)
 
     # -- domains ---------------------------------------------------------------------------
     def base_domain(self, s) -> Domain:
@@ -1423,6 +1428,10 @@ class Prover:
     def _check(self, lhs, rhs, t0) -> Verdict:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return Verdict(UNPROVED, "time limit", seconds=0.0, detail="the run's --timeout was reached")
+        if self._sums is not None:
+            verdict = self._sums.check(lhs, rhs, t0)
+            if verdict is not None:
+                return verdict
         try:
             with time_limit(self._limit(floor=2.0)):
                 L, R = self.resolver.resolve(lhs), self.resolver.resolve(rhs)
@@ -1594,6 +1603,10 @@ class Prover:
             "lhs": text, "rhs": dom.pretty()}, time.monotonic() - t0)
 
     def _check_domain(self, sym, t0) -> Verdict:
+        if self._sums is not None:
+            verdict = self._sums.check_domain(sym, t0)
+            if verdict is not None:
+                return verdict
         dom = self.ctx.domains[sym]
         expr = self.ctx.expand(self.ctx.definitions[sym])
         if _non_finite(expr):
