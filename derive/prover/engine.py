@@ -1403,7 +1403,8 @@ class Prover:
             return True
 
         fns = {"algebra": algebra, "domains": atoms, "expanded": expanded, "simplify": simplified}
-        return [(STRATEGIES[k], fns[k]) for k in STRATEGIES if self.strategies is None or k in self.strategies]
+        order = getattr(self, "strategy_order", None) or STRATEGIES  # a lowered sum step: expanded before domains
+        return [(STRATEGIES[k], fns[k]) for k in order if self.strategies is None or k in self.strategies]
 
     def _limit(self, floor: float = 0.0):
         lim = max(self.step_timeout, floor)
@@ -1462,6 +1463,28 @@ class Prover:
         if scan is not None and scan.cex is not None:
             return _refuted(scan, t0)
         # 2. symbolic strategies
+        name, tried = self._prove(L, R, Lf, Rf)
+        if name is not None:
+            return Verdict(PROVED, name, seconds=time.monotonic() - t0, tried=tried)
+        # 3. numeric confirmation (weaker evidence)
+        return self._confirm(Lf, Rf, t0, tried, thresholds or [])
+
+    def prove(self, lhs, rhs):
+        """The symbolic strategies alone (no sample points): (the name of the strategy that shows lhs == rhs, or
+        None, [what each strategy tried]).  derive.prover.sums proves each lowered case of an indexed step so."""
+        try:
+            with time_limit(self._limit(floor=2.0)):
+                L, R = self.resolver.resolve(lhs), self.resolver.resolve(rhs)
+                Lf, Rf = self.ctx.expand(L), self.ctx.expand(R)
+        except StrategyTimeout:
+            return None, ["resolving derivatives: time limit"]
+        except Exception as exc:
+            return None, [f"resolving derivatives: {type(exc).__name__}"]
+        if _non_finite(Lf) or _non_finite(Rf):
+            return None, ["not a finite expression"]
+        return self._prove(L, R, Lf, Rf)
+
+    def _prove(self, L, R, Lf, Rf):
         tried = []
         for name, fn in self._strategies(L - R, Lf - Rf):
             lim = self._limit()
@@ -1487,10 +1510,9 @@ class Prover:
                 tried.append(f"{name}: {type(exc).__name__}")
                 continue
             if ok:
-                return Verdict(PROVED, name, seconds=time.monotonic() - t0, tried=tried)
+                return name, tried
             tried.append(f"{name}: no")
-        # 3. numeric confirmation (weaker evidence)
-        return self._confirm(Lf, Rf, t0, tried, thresholds or [])
+        return None, tried
 
     def _confirm(self, Lf, Rf, t0, tried, thresholds):
         notes = []

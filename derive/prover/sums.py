@@ -238,8 +238,10 @@ class Lowering:
         # the lowered scalar definitions (S) inside the summand, expanded: their sign is then known
         full = self._full()
         g = g.xreplace(full) if full else g
-        g = sp.expand_log(g)
-        g = sp.expand(g, power_exp=False, power_base=False, log=False, multinomial=True, mul=True)
+        # log(e^{v/T}/S) = v/T - log(S) needs T > 0 known: the base symbols carry their domains' signs
+        signed, back = _signed(g, self.domains)
+        g = sp.expand_log(g.xreplace(signed))
+        g = sp.expand(g, power_exp=False, power_base=False, log=False, multinomial=True, mul=True).xreplace(back)
         nonempty = self._least(size) > m
         out = sp.S.Zero
         for term in sp.Add.make_args(g):
@@ -267,15 +269,17 @@ class Lowering:
         if hit is not None:
             return hit
         name = "sum'(" + str(key).replace("_", "") + ")"
-        if key.is_positive:
+        signed, _ = _signed(key, self.domains)
+        key_s = key.xreplace(signed)
+        if key_s.is_positive:
             sym = sp.Symbol(name, positive=True) if nonempty else sp.Symbol(name, nonnegative=True)
             dom = Domain.parse("(0, oo)" if nonempty else "[0, oo)")
-        elif key.is_nonnegative:
+        elif key_s.is_nonnegative:
             sym, dom = sp.Symbol(name, nonnegative=True), Domain.parse("[0, oo)")
-        elif key.is_negative:
+        elif key_s.is_negative:
             sym = sp.Symbol(name, negative=True) if nonempty else sp.Symbol(name, nonpositive=True)
             dom = Domain.parse("(-oo, 0)" if nonempty else "(-oo, 0]")
-        elif key.is_nonpositive:
+        elif key_s.is_nonpositive:
             sym, dom = sp.Symbol(name, nonpositive=True), Domain.parse("(-oo, 0]")
         else:
             sym, dom = sp.Symbol(name, real=True), Domain.parse("real")
@@ -305,6 +309,44 @@ class Lowering:
             if hit:
                 raise LoweringError(f"D(f, {sorted(map(str, hit))[0]}) of a sum over the other classes whose terms "
                                     f"depend on it ({self.atom_keys[atom]})")
+
+
+def _signed(e, domains):
+    """({symbol: a Dummy with the sign its domain gives}, the way back) for the free symbols of ``e``."""
+    to, back = {}, {}
+    for s in e.free_symbols:
+        dom = domains.get(s)
+        if dom is None or dom.is_finite or dom.lo is None or s.is_nonnegative:
+            continue
+        if dom.lo > 0 or (dom.lo == 0 and dom.lo_open):
+            d = sp.Dummy(s.name, positive=True)
+        elif dom.lo >= 0:
+            d = sp.Dummy(s.name, nonnegative=True)
+        else:
+            continue
+        to[s], back[d] = d, s
+    return to, back
+
+
+def sign_proof(expr, dom, domains) -> bool:
+    """Whether SymPy's assumptions show ``expr`` (base symbols only) inside the interval ``dom``: the
+    differences with its bounds, made one fraction and factored, have a known sign once each symbol
+    carries the sign of its domain."""
+    if dom.is_finite:
+        return False
+    signed, _ = _signed(expr, domains)
+    e = expr.xreplace(signed)
+    for diff, strict in ((e - dom.lo, dom.lo_open) if dom.lo is not None else (None, None),
+                         (dom.hi - e, dom.hi_open) if dom.hi is not None else (None, None)):
+        if diff is None:
+            continue
+        try:
+            f = sp.factor(sp.cancel(sp.together(diff)))
+        except Exception:
+            return False
+        if not (f.is_positive if strict else f.is_nonnegative):
+            return False
+    return True
 
 
 def _uses(f, env):
@@ -490,12 +532,11 @@ class IndexedChecker:
                 continue
             conds = [c for c in conds if c is not sp.true]
             lp = self._lowered_prover(low, conds)
-            v = lp.check(lowered[0], lowered[1])
-            if v.status == PROVED:
-                methods.append(f"{desc}: {v.method}")
+            name, tried = lp.prove(lowered[0], lowered[1])
+            if name is not None:
+                methods.append(f"{desc}: {name}")
             else:
-                why = v.method if v.status != REFUTED else "not an identity of the lowered symbols"
-                failed.append(f"{desc}: {why}")
+                failed.append(f"{desc}: " + ("; ".join(tried) or "no strategy"))
         if not failed:
             return Verdict(PROVED, "every K (indices split: " + "; ".join(methods) + ")",
                            seconds=time.monotonic() - t0)
@@ -523,6 +564,9 @@ class IndexedChecker:
         lp = Prover(low.context(), seed=p.seed, step_timeout=p.step_timeout, deadline=p.deadline,
                     strategies=p.strategies, assumptions=conds)
         lp.proved_domains = {s for s, o in low.origin.items() if o in self.proved}
+        # a lowered step is an identity in exp() of the members and the atoms: the expanded strategy is the
+        # one that decides most of them; the domains strategy (definitions as atoms) rarely can
+        lp.strategy_order = ("algebra", "expanded", "simplify", "domains")
         return lp
 
     # -- domains of definitions ----------------------------------------------------------------------
@@ -570,6 +614,9 @@ class IndexedChecker:
                 return Verdict(UNPROVED, "indices", seconds=time.monotonic() - t0, detail=f"{desc}: {exc}")
             lp = self._lowered_prover(low, [])
             v = lp.check_domain(target)
+            if v.status != PROVED and sign_proof(lp.ctx.expand(target), ctx.domains[sym], lp.ctx.domains):
+                v = Verdict(PROVED, "signs of the factored differences with the bounds (each symbol's domain "
+                            "as its sign)")
             if v.status != PROVED:
                 why = v.method if v.status != REFUTED else "not proved for every value of the lowered symbols"
                 return Verdict(UNPROVED, why, seconds=time.monotonic() - t0, detail=f"case {desc}: {v.detail}")
