@@ -441,6 +441,9 @@ class _Parser:
     def _index(self, node, what, tok):
         """The size symbol of an index symbol, or a clear error."""
         size = self._index_sizes().get(node) if isinstance(node, sp.Symbol) else None
+        if size is None and node in self._index_sizes().values():
+            raise self.error(f"{what}: {_short(str(node))!r} is a number of classes, not an index (an index k "
+                             f"runs over 0..{_short(str(node))}-1: k = {{ index = \"{_short(str(node))}\" }})", tok)
         if size is None:
             shown = _short(str(node))
             raise self.error(f"{what}: {shown!r} is not a declared index (declare it in [symbols] as "

@@ -566,7 +566,7 @@ class IndexedChecker:
         lp.proved_domains = {s for s, o in low.origin.items() if o in self.proved}
         # a lowered step is an identity in exp() of the members and the atoms: the expanded strategy is the
         # one that decides most of them; the domains strategy (definitions as atoms) rarely can
-        lp.strategy_order = ("algebra", "expanded", "simplify", "domains")
+        lp.strategy_order = ("expanded", "algebra", "simplify", "domains")
         return lp
 
     # -- domains of definitions ----------------------------------------------------------------------
