@@ -144,3 +144,14 @@ def test_bad_declarations(decl, message):
     with pytest.raises(DerivationFileError) as exc:
         loads(text, "bad.toml")
     assert message in str(exc.value) and str(exc.value).startswith("bad.toml:"), str(exc.value)
+
+
+def test_readme_worked_example_proves():
+    """The README's worked example (label smoothing with sums) is a file that verifies in full."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Indices, families and sums over classes", 1)[1]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    _, checks, report = _run(block)
+    assert report.checks and all(c.verdict.status == PROVED for c in report.checks), \
+        [(c.chain, c.index, c.verdict.status, c.verdict.method) for c in report.checks]
+    assert {c.chain for c in checks} == {"grad"} and len(checks) == 3
