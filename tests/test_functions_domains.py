@@ -109,6 +109,15 @@ TWINS = {
         ("domain", '"2*(mu - y)/mu"', '"2*(mu - y)*(y^2 - y)/(mu*y*(y - 1))"'),
         ("branch", '"2*(where(y > 0, ', '"2*(where(y > 1, '),
     ],
+    "dice_vnet": [
+        ("sign", '"2*(g[j]*U - 2*p[j]*I)/U^2"', '"2*(2*p[j]*I - g[j]*U)/U^2"'),
+        ("dropped factor", '"(4*p[j]*I - 2*g[j]*U)/U^2"', '"(2*p[j]*I - 2*g[j]*U)/U^2"'),
+        ("exponent", '"2*(g[j]*U - 2*p[j]*I)/U^2"', '"2*(g[j]*U - 2*p[j]*I)/U^3"'),
+        # the overlap of voxel j alone for the whole sum: true when N = 1
+        ("one value", '"2*(g[j]*U - 2*p[j]*I)/U^2"', '"2*(g[j]*U - 2*p[j]*p[j]*g[j])/U^2"'),
+        ("domain", '"(4*p[j]*I - 2*g[j]*U)/U^2"', '"(4*p[j]*I - 2*g[j]*U)*(g[j]^2 + g[j])/(U^2*g[j]*(g[j] + 1))"'),
+        ("branch", '"where(g[j] == 0, ', '"where(g[j] == 1, '),
+    ],
 }
 
 

@@ -538,7 +538,7 @@ class IndexedChecker:
             else:
                 failed.append(f"{desc}: " + ("; ".join(tried) or "no strategy"))
         if not failed:
-            return Verdict(PROVED, "every K (indices split: " + "; ".join(methods) + ")",
+            return Verdict(PROVED, f"every {self._size_names()} (indices split: " + "; ".join(methods) + ")",
                            seconds=time.monotonic() - t0)
         # 3. numbers at more points and index values (weaker evidence)
         total, notes = 0, []
@@ -623,4 +623,8 @@ class IndexedChecker:
             methods.append(v.method)
         self.proved.add(sym)
         self.prover.proved_domains.add(sym)
-        return Verdict(PROVED, "every K: " + "; ".join(dict.fromkeys(methods)), seconds=time.monotonic() - t0)
+        return Verdict(PROVED, f"every {self._size_names()}: " + "; ".join(dict.fromkeys(methods)),
+                       seconds=time.monotonic() - t0)
+
+    def _size_names(self):
+        return ", ".join(sorted({s.name for s in self.ctx.index_size.values()}))
