@@ -503,12 +503,17 @@ class IndexedChecker:
             cases = self.cases(free)
         except LoweringError as exc:
             return Verdict(UNPROVED, "indices", seconds=time.monotonic() - t0, detail=str(exc))
+        from derive.prover.engine import StrategyTimeout, time_limit
+
         # 1. counterexamples at K = 2, 3, 7, in every case of the indices
         for rep, specials, desc in cases:
             try:
-                scan, _, _ = self._scan(lhs, rhs, rep, specials, many=False)
+                with time_limit(p._limit(floor=2.0)):
+                    scan, _, _ = self._scan(lhs, rhs, rep, specials, many=False)
             except LoweringError as exc:
                 return Verdict(UNPROVED, "indices", seconds=time.monotonic() - t0, detail=str(exc))
+            except StrategyTimeout:
+                scan = None
             if scan is not None:
                 v = _refuted(scan, t0)
                 v.method = f"{v.method} at {', '.join(f'{k} = {x}' for k, x in list(scan.cex['point'].items()))}" \
@@ -543,7 +548,12 @@ class IndexedChecker:
         # 3. numbers at more points and index values (weaker evidence)
         total, notes = 0, []
         for rep, specials, desc in cases:
-            scan, agree, n = self._scan(lhs, rhs, rep, specials, many=True)
+            try:
+                with time_limit(p._limit(floor=2.0)):
+                    scan, agree, n = self._scan(lhs, rhs, rep, specials, many=True)
+            except StrategyTimeout:
+                return Verdict(UNPROVED, "time limit", seconds=time.monotonic() - t0, tried=failed,
+                               detail="numbers at K = 2, 3, 7 ran past the time limit; " + "; ".join(failed))
             if scan is not None:
                 v = _refuted(scan, t0, failed)
                 v.detail = f"case {desc}"
