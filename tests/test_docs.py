@@ -154,7 +154,7 @@ def test_the_index_summarises_the_note(report, files):
     note = [c for c in report.checks if c.file == "focal_loss_note.toml"]
     steps = [c for c in note if c.kind == "step"]
     proved = sum(c.verdict.status == "proved" for c in steps)
-    assert f"| `derive/derivations/focal_loss_note.toml` | 11 | {len(steps)} | {proved} | " in index
+    assert f"| `derive/derivations/focal_loss_note.toml` | 15 | {len(steps)} | {proved} | " in index
     assert f"**{len(report.checks)} checks**" in index
     assert "make verify" in index and "derive verify" in index
     assert "seed 20261128" in index

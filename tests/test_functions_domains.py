@@ -26,6 +26,20 @@ def _verify(path):
     return verify_paths([str(path)])
 
 
+def _verify_twin(path, new):
+    """Verify a twin: when the broken text is a chain line, only the chains with that line (and every
+    domain declaration), which keeps the sum files' twins quick; else the whole file."""
+    df = load_file(path)
+    target = new.strip('"')
+    for d in df.derivations:
+        hit = [ch for ch in d.chains if any(target in line.text for line in ch.lines)]
+        if hit:
+            d.chains = hit
+    report = Report()
+    Verifier().verify_file(df, report)
+    return report
+
+
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
 def test_literature_file_fully_proved(path):
     report = _verify(path)
@@ -160,7 +174,7 @@ def test_broken_twin_refuted(tmp_path, stem, kind, old, new):
     assert text.count(old) == 1, (stem, old)
     path = tmp_path / f"{stem}_{kind.replace(' ', '_')}.toml"
     path.write_text(text.replace(old, new))
-    report = _verify(path)
+    report = _verify_twin(path, new)
     refuted = [c for c in report.checks if c.verdict.status == REFUTED]
     assert refuted, [(c.chain, c.kind, c.verdict.status) for c in report.checks]
     assert report.exit_code() == 1
