@@ -125,6 +125,7 @@ def _kernel_model(prep, file):
         "compensated": getattr(spec, "compensated", None),
         "derivation": prep.derivation,
         "exports": ", ".join(prep.export_names.values()),
+        "rewrites": _k.rewrites_text(prep),
         "code": {"numpy": _k.print_numpy(prep)},
         "c_proto": {},
         "c_checks": [],
@@ -174,7 +175,8 @@ def _second_model(spec, file):
         return None
     suffix = _k.SECOND_SUFFIX[spec.kind]
     model = {"name": f"{spec.name}_{suffix}", "suffix": suffix, "code": {"numpy": _k.print_numpy(prep)},
-             "c_proto": {}, "exports": ", ".join(prep.export_names.values()), "export": spec.second}
+             "c_proto": {}, "exports": ", ".join(prep.export_names.values()), "export": spec.second,
+             "rewrites": _k.rewrites_text(prep)}
     for dt, cfg in _k.C_CONFIGS.items():
         model["code"][dt] = _k.print_c(prep, dt)
         T = cfg.ctype

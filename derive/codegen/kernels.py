@@ -216,6 +216,11 @@ def _rewritten(spec, f, ctx, export, expr, keep):
     return out
 
 
+def rewrites_text(prep) -> list:
+    """One comment line per rewritten export: "<export>: rule, rule, ..." (derive.rewrite's fired rules)."""
+    return ["%s: %s" % (prep.export_names[k], ", ".join(r) or "no rule fired") for k, r in prep.rewrites.items()]
+
+
 def prepare_second(spec, f):
     """The second-derivative kernel's expressions (SECOND_ROLES), or None when the kernel declares no
     hess / dcoef / d2term."""
@@ -295,5 +300,5 @@ def load_kernels(path=STABLE_FORMS, file=None):
     return f, [prepare(spec, f) for spec in f.kernels]
 
 
-__all__ = ["shipped_files", "shipped_kernels", "prepare", "prepare_second", "SECOND_ROLES", "SECOND_SUFFIX", "print_c", "print_numpy", "load_kernels", "C_CONFIGS",
+__all__ = ["shipped_files", "shipped_kernels", "prepare", "rewrites_text", "prepare_second", "SECOND_ROLES", "SECOND_SUFFIX", "print_c", "print_numpy", "load_kernels", "C_CONFIGS",
            "STABLE_FORMS", "DERIVATIONS_DIR"]
