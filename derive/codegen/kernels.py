@@ -192,6 +192,19 @@ def prepare(spec, f, roles=None) -> Prepared:
 _REWRITTEN = {}
 
 
+def rewrite_of(spec, f, export):
+    """(the proved form derive.rewrite gives ``export`` of kernel ``spec``, in its printing form, with the
+    kernel's weight definition kept as its symbol as prepare() keeps it; the rules fired)."""
+    ctx, _ = _context_of(f, export)
+    keep = {spec.weight} if getattr(spec, "weight", None) else set()
+    return _rewritten(spec, f, ctx, export, _expand_except(ctx, f.exports[export], keep), keep)
+
+
+def rewritten_export(spec, f, export):
+    """The proved form derive.rewrite gives ``export`` (rewrite_of's first item)."""
+    return rewrite_of(spec, f, export)[0]
+
+
 def _rewritten(spec, f, ctx, export, expr, keep):
     """The closed form ``expr`` of ``export`` rewritten by derive.rewrite's proved rules, proved equal to it by
     the prover (DerivationFileError when it is not), in its printing form; and the fired rules."""
@@ -300,5 +313,5 @@ def load_kernels(path=STABLE_FORMS, file=None):
     return f, [prepare(spec, f) for spec in f.kernels]
 
 
-__all__ = ["shipped_files", "shipped_kernels", "prepare", "rewrites_text", "prepare_second", "SECOND_ROLES", "SECOND_SUFFIX", "print_c", "print_numpy", "load_kernels", "C_CONFIGS",
+__all__ = ["shipped_files", "shipped_kernels", "prepare", "rewrites_text", "rewritten_export", "rewrite_of", "prepare_second", "SECOND_ROLES", "SECOND_SUFFIX", "print_c", "print_numpy", "load_kernels", "C_CONFIGS",
            "STABLE_FORMS", "DERIVATIONS_DIR"]
