@@ -212,7 +212,12 @@ def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR,
     file, preps = _k.load_kernels(derivations, file=file)
     module = module or module_name(file)
     template_paths = [templates / t for t in TEMPLATES.values()]
-    digest = _digest([derivations, *template_paths])
+    rules = []  # a kernel with rewrite = [...] depends on derive.rewrite's rules too
+    if any(getattr(p.spec, "rewrite", ()) for p in preps):
+        from derive.rewrite import PHASES_FILE, RULES_FILE
+
+        rules = [RULES_FILE, PHASES_FILE]
+    digest = _digest([derivations, *template_paths, *rules])
     models = [_kernel_model(p, file) for p in preps]
     dtypes = [
         {"dtype": dt, "ctype": cfg.ctype, "suffix": cfg.suffix, "max_name": cfg.max_name,

@@ -25,6 +25,8 @@ from derive.language.functions import expm1, log1p, sigmoid, softplus, xexpm1inv
 RULES_FILE = Path(__file__).resolve().parent / "rules.toml"
 PHASES_FILE = Path(__file__).resolve().parent / "phases.toml"
 
+#: the prover's time limit per step when the rules are verified before use (seconds)
+STEP_TIMEOUT = 30.0
 #: fixpoint guard: at most this many passes of one phase over an expression
 MAX_PASSES = 40
 
@@ -105,7 +107,9 @@ def rules(rules_file=RULES_FILE, phases_file=PHASES_FILE) -> RuleSet:
         df = load_file(rules_file)
     except DerivationFileError as exc:
         raise RewriteError(str(exc)) from None
-    report = verify_paths([rules_file])
+    # a generous step limit: on a loaded machine a step that proves in 0.5 s must not come back unproved
+    # (and so refuse the rule) for lack of time
+    report = verify_paths([rules_file], step_timeout=STEP_TIMEOUT)
     if report.errors:
         raise RewriteError("; ".join(m for _, m in report.errors))
     bad = {c.derivation for c in report.checks if c.status != OK or c.verdict.status != "proved"}
