@@ -119,3 +119,35 @@ def test_naive_kernel_accuracy_and_saturation(naive):
     sources = "".join(p.read_text() for p in k.generated.iterdir() if p.suffix in (".c", ".py"))
     assert "rewritten from the closed form by derive.rewrite: naive_loss: sigmoid_from_exp" in sources
     assert "log_sigmoid" in sources and "sigmoid_minus_one" in sources
+
+
+def test_a_rule_that_is_not_proved_is_refused(tmp_path):
+    """A false rule (1 - sigmoid(v) -> sigmoid(v)) is refuted by the prover and never used."""
+    from derive import rewrite as rw
+
+    rules = tmp_path / "rules.toml"
+    rules.write_text('''[symbols]
+v = "real"
+[[derivation]]
+id = "wrong"
+[[derivation.chain]]
+id = "rule"
+lines = ["1 - sigmoid(v)", "sigmoid(v)"]
+''')
+    phases = tmp_path / "phases.toml"
+    phases.write_text('[[phase]]\nname = "p"\nrules = [{ rule = "wrong", cost = 1 }]\n')
+    with pytest.raises(rw.RewriteError, match="rule 'wrong' is not proved"):
+        rw.rules(rules, phases)
+
+
+def test_a_rewritten_form_the_prover_does_not_prove_stops_the_build(naive, monkeypatch):
+    """If the engine's result were not equal to the closed form, the kernel build fails naming the export."""
+    from derive import rewrite as rw
+    from derive.codegen import kernels as K
+    from derive.language.loader import DerivationFileError, load_file
+
+    f = load_file(naive)
+    monkeypatch.setattr(K, "_REWRITTEN", {})
+    monkeypatch.setattr(rw, "rewrite", lambda expr, domains, ruleset=None: (expr + 1, ["sigmoid_from_exp"]))
+    with pytest.raises(DerivationFileError, match=r"rewrite: the rules' form of naive_loss .* is not proved"):
+        K.prepare(f.kernels[0], f)
