@@ -165,7 +165,8 @@ def test_expressions_come_from_the_derivation_file(tmp_path):
     from derive.codegen import render_all
 
     text = STABLE.read_text()
-    old = '{ expr = "softplus(-x_t)", rule = "softplus(v) = log(1 + e^v), evaluated as max(v, 0) + log1p(e^(-|v|))" },'
+    old = ('{ expr = "log(1 + exp(-x_t))", rule = "-log(1/(1 + e^(-x_t))) = log(1 + e^(-x_t)): the closed form '
+           '(derive.rewrite: softplus(-x_t))" },')  # the loss chain's last line (derive.rewrite finds softplus)
     assert old in text
     changed = tmp_path / "stable_forms.toml"
     changed.write_text(text.replace(old, old + '\n  { expr = "log1p(exp(-x_t))", rule = "test" },'))
@@ -288,7 +289,8 @@ def test_sharing_follows_the_printed_expressions(tmp_path):
     from derive.codegen import render_all
 
     text = STABLE.read_text()
-    old = '{ expr = "softplus(-x_t)", rule = "softplus(v) = log(1 + e^v), evaluated as max(v, 0) + log1p(e^(-|v|))" },'
+    old = ('{ expr = "log(1 + exp(-x_t))", rule = "-log(1/(1 + e^(-x_t))) = log(1 + e^(-x_t)): the closed form '
+           '(derive.rewrite: softplus(-x_t))" },')  # the loss chain's last line (derive.rewrite finds softplus)
     changed = tmp_path / "stable_forms.toml"
     changed.write_text(text.replace(old, old + '\n  { expr = "log1p(exp(-x_t))", rule = "test" },'))
     body = _py_kernel(render_all(derivations=changed)["focal_kernels.py"], "sigmoid_ce_f64")

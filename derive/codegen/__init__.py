@@ -125,6 +125,7 @@ def _kernel_model(prep, file):
         "compensated": getattr(spec, "compensated", None),
         "derivation": prep.derivation,
         "exports": ", ".join(prep.export_names.values()),
+        "rewrites": _k.rewrites_text(prep),
         "code": {"numpy": _k.print_numpy(prep)},
         "c_proto": {},
         "c_checks": [],
@@ -174,7 +175,8 @@ def _second_model(spec, file):
         return None
     suffix = _k.SECOND_SUFFIX[spec.kind]
     model = {"name": f"{spec.name}_{suffix}", "suffix": suffix, "code": {"numpy": _k.print_numpy(prep)},
-             "c_proto": {}, "exports": ", ".join(prep.export_names.values()), "export": spec.second}
+             "c_proto": {}, "exports": ", ".join(prep.export_names.values()), "export": spec.second,
+             "rewrites": _k.rewrites_text(prep)}
     for dt, cfg in _k.C_CONFIGS.items():
         model["code"][dt] = _k.print_c(prep, dt)
         T = cfg.ctype
@@ -210,7 +212,12 @@ def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR,
     file, preps = _k.load_kernels(derivations, file=file)
     module = module or module_name(file)
     template_paths = [templates / t for t in TEMPLATES.values()]
-    digest = _digest([derivations, *template_paths])
+    rules = []  # a kernel with rewrite = [...] depends on derive.rewrite's rules too
+    if any(getattr(p.spec, "rewrite", ()) for p in preps):
+        from derive.rewrite import PHASES_FILE, RULES_FILE
+
+        rules = [RULES_FILE, PHASES_FILE]
+    digest = _digest([derivations, *template_paths, *rules])
     models = [_kernel_model(p, file) for p in preps]
     dtypes = [
         {"dtype": dt, "ctype": cfg.ctype, "suffix": cfg.suffix, "max_name": cfg.max_name,

@@ -104,6 +104,7 @@ class Prepared:
     extra_exprs: dict  # weight definition, compensated factors
     export_names: dict  # output name -> export name (for comments)
     derivation: str
+    rewrites: dict = field(default_factory=dict)  # output name -> the rules derive.rewrite fired (in order)
 
 
 def _context_of(f, export):
@@ -151,6 +152,11 @@ def prepare(spec, f, roles=None) -> Prepared:
     if comp:
         keep.add(comp[0])
     exprs = {k: _expand_except(ctx, f.exports[e], keep) for k, e in outs.items()}
+    fired = {}
+    for k, e in outs.items():
+        role = roles[k]
+        if role in getattr(spec, "rewrite", ()):
+            exprs[k], fired[k] = _rewritten(spec, f, ctx, e, exprs[k], keep)
     if spec.kind == "elementwise" and spec.weight:
         wsym = ctx.names[spec.weight]
         extra["weight"] = _rename(_expand_except(ctx, wsym, set()), ELEMENT_VARS)
@@ -180,7 +186,52 @@ def prepare(spec, f, roles=None) -> Prepared:
                 f.path, f"{outs[k]} ({k}) uses {', '.join(sorted(bad))}, which neither the {spec.layout} template "
                 f"(it supplies {', '.join(sorted(k for k in mapping if len(k) == 1 or k == 'alpha'))}) nor the "
                 f"params supply: add them to params", kernel=spec.name)
-    return Prepared(spec, exprs, extra, outs, did)
+    return Prepared(spec, exprs, extra, outs, did, fired)
+
+
+_REWRITTEN = {}
+
+
+def rewrite_of(spec, f, export):
+    """(the proved form derive.rewrite gives ``export`` of kernel ``spec``, in its printing form, with the
+    kernel's weight definition kept as its symbol as prepare() keeps it; the rules fired)."""
+    ctx, _ = _context_of(f, export)
+    keep = {spec.weight} if getattr(spec, "weight", None) else set()
+    return _rewritten(spec, f, ctx, export, _expand_except(ctx, f.exports[export], keep), keep)
+
+
+def rewritten_export(spec, f, export):
+    """The proved form derive.rewrite gives ``export`` (rewrite_of's first item)."""
+    return rewrite_of(spec, f, export)[0]
+
+
+def _rewritten(spec, f, ctx, export, expr, keep):
+    """The closed form ``expr`` of ``export`` rewritten by derive.rewrite's proved rules, proved equal to it by
+    the prover (DerivationFileError when it is not), in its printing form; and the fired rules."""
+    from derive.rewrite import RewriteError, prove_equal, rewrite, to_helpers
+
+    key = (str(f.path), export, tuple(sorted(keep)), sp.srepr(expr))
+    hit = _REWRITTEN.get(key)
+    if hit is not None:
+        return hit
+    try:
+        new, fired = rewrite(expr, ctx.domains)
+    except RewriteError as exc:
+        raise DerivationFileError(f.path, f"rewrite: {exc}", kernel=spec.name) from None
+    verdict = prove_equal(f.exports[export], new, ctx)
+    if verdict.status != "proved":
+        raise DerivationFileError(
+            f.path, f"rewrite: the rules' form of {export} ({', '.join(fired) or 'no rule fired'}) is not proved "
+            f"equal to its closed form: {verdict.status}" + (f" ({verdict.detail})" if verdict.detail else "")
+            + f"; the form was {str(new)[:300]}", kernel=spec.name)
+    out = (to_helpers(new), fired)
+    _REWRITTEN[key] = out
+    return out
+
+
+def rewrites_text(prep) -> list:
+    """One comment line per rewritten export: "<export>: rule, rule, ..." (derive.rewrite's fired rules)."""
+    return ["%s: %s" % (prep.export_names[k], ", ".join(r) or "no rule fired") for k, r in prep.rewrites.items()]
 
 
 def prepare_second(spec, f):
@@ -262,5 +313,5 @@ def load_kernels(path=STABLE_FORMS, file=None):
     return f, [prepare(spec, f) for spec in f.kernels]
 
 
-__all__ = ["shipped_files", "shipped_kernels", "prepare", "prepare_second", "SECOND_ROLES", "SECOND_SUFFIX", "print_c", "print_numpy", "load_kernels", "C_CONFIGS",
+__all__ = ["shipped_files", "shipped_kernels", "prepare", "rewrites_text", "rewritten_export", "rewrite_of", "prepare_second", "SECOND_ROLES", "SECOND_SUFFIX", "print_c", "print_numpy", "load_kernels", "C_CONFIGS",
            "STABLE_FORMS", "DERIVATIONS_DIR"]

@@ -210,6 +210,8 @@ class KernelView:
     h_lines: dict
     numpy_code: str  # the f64 NumPy function, as generated
     figures: list  # figure stems: its value figure, its accuracy figure
+    #: [(role, export, [(rule page key, rule name)])]: the roles derive.rewrite stabilised, with the rules fired
+    rewrites: list = field(default_factory=list)
 
 
 @dataclass
@@ -461,8 +463,19 @@ def _kernels(files, keys, anchor):
                 _def_lines(h, rf"int derive_{k.name}_(?P<suffix>f32|f64)\("),
                 _function_source(py, f"{k.name}_f64"),
                 [f"values_{keys[(fname, k.name)].split('/', 1)[1]}", f"accuracy_{keys[(fname, k.name)].split('/', 1)[1]}"],
+                _rewrite_views(k, f),
             ))
     return views
+
+
+def _rewrite_views(k, f) -> list:
+    """[(role, export, [(page key of the rule's proof, rule name)])] of the roles derive.rewrite stabilises."""
+    from derive.codegen.kernels import rewrite_of
+    from derive.rewrite import RULES_FILE
+
+    stem = RULES_FILE.stem
+    return [(role, k.exports[role], [(f"{stem}/{r}", r) for r in rewrite_of(k, f, k.exports[role])[1]])
+            for role in getattr(k, "rewrite", ()) if role in k.exports]
 
 
 def _in_repo(path) -> bool:

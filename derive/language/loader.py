@@ -943,7 +943,7 @@ LAYOUTS = {
 #: the symbols each target's template supplies (not parameters), and the domain a target symbol must declare
 TEMPLATE_SYMBOLS = {"binary": ("x", "t"), "soft": ("x", "t"), "class_index": ("u",), "class_probs": ("u", "q", "K")}
 _UNIT_INTERVAL = {"soft": "t", "class_probs": "q"}
-_KERNEL_COMMON = ("name", "title", "layout", "target", "params", "defaults", "functions", "conditioned")
+_KERNEL_COMMON = ("name", "title", "layout", "target", "params", "defaults", "functions", "conditioned", "rewrite")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
@@ -977,6 +977,9 @@ class KernelDecl:
     conditioned: str | None = None  # why the loss is ill-conditioned: accuracy is relative to its condition number
     module: str = ""  # the file's [file] module, else its stem: the generated files are <module>.{py,c,h}
     path: Path | None = None  # the derivation file
+    #: the roles whose export is a plain closed form: codegen applies derive.rewrite's proved rules to it and
+    #: proves the result equal to it (rewrite = ["loss", "grad"], or true for every role)
+    rewrite: tuple = ()
 
     # the names codegen and the generated module use
     @property
@@ -1239,9 +1242,20 @@ def _load_kernel(rk, name, by_id, exports, export_from, path, loc, k_line, modul
                                     or len(conditioned) > 500):
         raise kerr("conditioned must be a non-empty string of at most 500 characters: why the loss is "
                    "ill-conditioned somewhere", "conditioned")
+    rewrite = rk.get("rewrite", [])
+    if rewrite is True:
+        rewrite = list(roles)
+    elif rewrite is False:
+        rewrite = []
+    if not isinstance(rewrite, list) or not all(isinstance(r, str) for r in rewrite):
+        raise kerr("rewrite must be true or an array of the kernel's roles whose export is a plain closed form "
+                   f"(its roles: {', '.join(roles)})", "rewrite")
+    for r in rewrite:
+        if r not in roles:
+            raise kerr(f"rewrite: {_q(r)} is not one of the kernel's roles ({', '.join(roles)})", "rewrite")
     return KernelDecl(name, title, layout, target, roles, tuple(params), {p: float(v) for p, v in defaults.items()},
                       domains, did, tuple(functions), weight, comp, class_alpha, k_line, soft, conditioned,
-                      module, Path(path) if not isinstance(path, Path) else path)
+                      module, Path(path) if not isinstance(path, Path) else path, tuple(dict.fromkeys(rewrite)))
 
 
 def _check_dterm(derivation, roles, ctx, kerr, export_from):

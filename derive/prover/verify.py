@@ -15,9 +15,11 @@ OK, ERRATUM, FAIL = "ok", "erratum", "fail"
 
 
 def builtin_files() -> list[Path]:
-    """The derivation files shipped with the package (the note and the kernels' stable forms)."""
+    """The derivation files shipped with the package (the note and the kernels' stable forms), then the rules
+    of derive.rewrite (derive/rewrite/rules.toml: each rule is proved here once)."""
     root = resources.files("derive") / "derivations"
-    return sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml"))
+    rules = Path(str(resources.files("derive") / "rewrite" / "rules.toml"))
+    return sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml")) + [rules]
 
 
 def _by_transitivity(e2e, steps) -> None:
