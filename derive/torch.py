@@ -187,13 +187,19 @@ def _scalar_params(ops, params):
 # the generic calls: one per layout
 
 
+_MODE = {"sum": 0, "mean": 1}  # the reduced ops' modes
+
+
 def _elementwise(ops, inputs, targets, values, reduction):
     x, dtype = _logits(inputs)
     t = _targets(targets)
-    if tuple(t.shape) != tuple(x.shape):
+    if t.shape != x.shape:
         raise ValueError(f"target has shape {tuple(t.shape)}, but input has shape {tuple(x.shape)}")
-    loss = ops.apply(x, t, *values)[0]
-    return _reduce(loss, reduction).to(dtype)
+    if reduction != "none" and ops.red is not None:  # summed in the kernel's pass, gradient pre-scaled
+        loss = ops.reduced(x, t, *values, _MODE[reduction])
+    else:
+        loss = _reduce(ops.apply(x, t, *values)[0], reduction)
+    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 def _class_index(ops, inputs, targets, alpha_vec, values, ignore_index, reduction, weights=None, scale=None):
@@ -208,6 +214,14 @@ def _class_index(ops, inputs, targets, alpha_vec, values, ignore_index, reductio
                          f"for {ops.info['title']}: no kernel declares them; give class indices of shape {lead}")
     flat = _class_targets(t, x, lead)
     args = (rows, flat) + ((alpha_vec,) if ops.class_alpha else ()) + tuple(values) + (ignore_index,)
+    if reduction != "none" and ops.red is not None:  # summed in the kernel's pass, gradient pre-scaled
+        # "mean": over the rows not ignored, or (``weights``: cross_entropy's per-class weights, the
+        # kernel's alpha_vec) over their alpha_t, torch's weighted mean (mode 2)
+        mode = 0 if reduction == "sum" else (1 if weights is None else 2)
+        out = ops.reduced(*args, mode)
+        if scale is not None and reduction != "mean":
+            out = out * scale.to(out.dtype)
+        return out if out.dtype == dtype else out.to(dtype)
     loss = ops.apply(*args)[0]
     count = None
     if reduction == "mean":
