@@ -60,7 +60,7 @@ def _logits(inputs, name="input"):
     """(x in float32/float64, the dtype to return): float16/bfloat16 computed in float32."""
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(inputs).__name__}")
-    if inputs.device.type not in ("cpu", "meta"):
+    if not (inputs.is_cpu or inputs.is_meta):
         raise ValueError(f"{name} is on {inputs.device}: the derive kernels run on CPU tensors")
     if inputs.dtype in (torch.float32, torch.float64):
         return inputs, inputs.dtype
@@ -173,6 +173,27 @@ def _param(ops, name, value, allow_off=False, label=None):
         extra = " (or negative for no weighting)" if allow_off else ""
         raise ValueError(f"{label} must be {_losses._describe(dom)}{extra}, got {value:g}")
     return value
+
+
+_CHECKED: dict = {}  # (kernel, (type, value) of each argument) -> the checked parameters (eager calls)
+
+
+def _checked(ops, alpha, gamma):
+    """``_scalar_params(ops, {"alpha": alpha, "gamma": gamma})``, remembered for the values of
+    earlier eager calls (a training loop passes the same numbers every step); by type and value,
+    so True is not taken for 1.  Under torch.compile, checked every time (traced once)."""
+    if torch.compiler.is_compiling():
+        return _scalar_params(ops, {"alpha": alpha, "gamma": gamma})
+    try:
+        key = (ops.qualname, type(alpha), alpha, type(gamma), gamma)
+        values = _CHECKED.get(key)
+    except TypeError:  # an unhashable argument (a tensor is hashable; a list is not): checked
+        return _scalar_params(ops, {"alpha": alpha, "gamma": gamma})
+    if values is None:
+        values = _scalar_params(ops, {"alpha": alpha, "gamma": gamma})
+        if isinstance(alpha, (int, float)) and isinstance(gamma, (int, float)) and len(_CHECKED) < 4096:
+            _CHECKED[key] = values
+    return values
 
 
 def _scalar_params(ops, params):
@@ -407,7 +428,7 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     for ``alpha < 0``; gamma >= 0.  ``reduction``: "none", "mean" or "sum".  Finite loss and
     gradients at saturated logits (x_t = 40, gamma = 0.5), where torchvision's formula gives NaN."""
     ops = _shipped_ops("sigmoid_focal_alpha")
-    values = _scalar_params(ops, {"alpha": alpha, "gamma": gamma})
+    values = _checked(ops, alpha, gamma)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: 'none', "
                          "'mean', 'sum'")

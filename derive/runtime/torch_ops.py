@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import keyword
 import sys
+import threading
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -184,14 +185,24 @@ def _libc_madvise():
 _MADVISE = _libc_madvise()
 
 
-def _empty(shape, dtype):
-    """``torch.empty(shape, dtype)``, its whole 2 MiB pages asked for as transparent huge pages
+_SCALARS = {torch.float32: torch.empty((), dtype=torch.float32), torch.float64: torch.empty((), dtype=torch.float64)}
+
+
+def _scalar_out(dtype):
+    """A fresh 0-d tensor of ``dtype`` (empty_like of a template: torch.empty parses its
+    shape and dtype arguments slower than the kernel runs on a thousand values)."""
+    return torch.empty_like(_SCALARS[dtype])
+
+
+def _empty(shape, dtype, like=None):
+    """``torch.empty(shape, dtype)`` (``torch.empty_like(like)`` for a contiguous ``like`` of that
+    shape and dtype: cheaper per call), its whole 2 MiB pages asked for as transparent huge pages
     (madvise(MADV_HUGEPAGE), before anything touches them) when it is large.  torch's CPU allocator
     asks for them only under THP_MEM_ALLOC_ENABLE=1 (NumPy always does for large arrays): without
     it a fresh 40 MB output faults in 10,000 pages of 4 KiB as the kernel first writes it, which
     costs more than the kernel's own pass.  The advice changes no value: a kernel that does not
     support it (THP "never", another system) refuses it, and the pages are ordinary ones."""
-    out = torch.empty(shape, dtype=dtype)
+    out = torch.empty_like(like) if like is not None else torch.empty(shape, dtype=dtype)
     nbytes = out.numel() * out.element_size()
     if nbytes >= _THP_MIN and _MADVISE is not None:
         start = out.data_ptr()
@@ -200,6 +211,64 @@ def _empty(shape, dtype):
         if hi > lo:
             _MADVISE(lo, hi - lo, _MADV_HUGEPAGE)  # its result ignored: advice (EINVAL where THP is off)
     return out
+
+
+#: whether the eager reduced path writes its gradient into a buffer of an earlier call that
+#: nothing references any more (see :class:`_GradPool`); False: a fresh output every call
+REUSE_GRAD = True
+_POOL_SLOTS = 4  # buffers kept per kernel and dtype (a loss called on several sizes in one step)
+
+
+def _storage_refs_fn():
+    """(storage reference count of a tensor, the count of a tensor that nothing else references),
+    or None where torch does not say (then nothing is reused)."""
+    try:
+        count = torch._C._storage_Use_Count
+        probe = torch.empty(1)
+        alone = count(probe.untyped_storage()._cdata)
+        view = probe[:]
+        if count(probe.untyped_storage()._cdata) != alone + 1:
+            return None
+        del view
+        return (lambda t: count(t.untyped_storage()._cdata)), alone
+    except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - another torch
+        return None
+
+
+_REFS = _storage_refs_fn()
+
+
+class _GradPool:
+    """Gradient buffers of the eager reduced path, reused once nothing references them.
+
+    A training step's logits gradient lives from the loss's forward to the end of backward (or
+    as a leaf's ``.grad`` until ``zero_grad``), then its storage is freed, and the next step's
+    fresh 40 MB output costs page faults and the kernel's zeroing of every page as the kernel
+    first writes it: more than the kernel's own pass.  The pool keeps up to ``_POOL_SLOTS``
+    large buffers per dtype and hands one out again only when torch counts no reference to its
+    storage but the pool's own (no tensor, view, saved tensor, ``.grad``, NumPy array or DLPack
+    capsule), under a lock, so no two calls share one.  Only the eager path uses it (a compiled
+    graph allocates its own outputs); ``REUSE_GRAD = False`` turns it off.  The cost: the
+    buffers stay allocated between steps (as torch's CUDA caching allocator keeps its blocks)."""
+
+    def __init__(self):
+        self._slots = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape, dtype, n, like=None):
+        if _REFS is None or not REUSE_GRAD:
+            return _empty(shape, dtype, like)
+        count, alone = _REFS
+        with self._lock:
+            slots = self._slots.setdefault(dtype, [])
+            for buf in slots:
+                if buf.numel() >= n and count(buf) == alone:
+                    return buf[:n].view(shape)  # the view's reference marks it as taken
+            buf = _empty(n, dtype)
+            if len(slots) >= _POOL_SLOTS:
+                slots.pop(0)
+            slots.append(buf)
+            return buf.view(shape)
 
 
 # ------------------------------------------------------------------------------------------
@@ -279,7 +348,7 @@ class KernelOps:
         if t.dtype != x.dtype or t.shape != x.shape or not t.is_cpu or not t.is_contiguous():
             t = _elementwise_targets(t, x, op)
         shape, dtype = x.shape, x.dtype
-        outs = [_empty(shape, dtype)] if second else [_empty(shape, dtype), _empty(shape, dtype)]
+        outs = [_empty(shape, dtype, x)] if second else [_empty(shape, dtype, x), _empty(shape, dtype, x)]
         n = x.numel()
         ptrs = [o.data_ptr() for o in outs]
 
@@ -331,9 +400,9 @@ class KernelOps:
         if second:
             _same_shape(v, x, "v", op)
             v = v.to(x.dtype).contiguous()
-            outs = [v, _empty(x.shape, x.dtype)]
+            outs = [v, _empty(x.shape, x.dtype, x)]
         else:
-            outs = [_empty((m,), x.dtype), _empty(x.shape, x.dtype)]
+            outs = [_empty(m, x.dtype), _empty(x.shape, x.dtype, x)]
         fn = self._c(self.name, second, _DT[x.dtype], m * k)
         rc = fn(m, k, _ptr(x), _ptr(target), *self._c_params(alpha_vec, params), *tail, *map(_ptr, outs))
         if rc != 0:
@@ -377,11 +446,12 @@ class KernelOps:
             raise ValueError(f"{self.qualname}_reduced: mode must be 0 (sum), 1 (mean)"
                              + (" or 2 (mean weighted by alpha_t)" if top == 2 else "") + f", got {mode!r}")
 
-    def _elementwise_reduced(self, x, t, params, mode, want_grad=True):
+    def _elementwise_reduced(self, x, t, params, mode, want_grad=True, reuse=False):
         """(the loss summed (mode 0) or averaged (mode 1) over the elements, a 0-d tensor; its
         gradient, or None when not ``want_grad``), from one pass of the reduced kernel."""
         op = self.qualname
-        self._check_mode(mode)
+        if mode != 0 and mode != 1:
+            self._check_mode(mode)
         dt = _DT.get(x.dtype)
         if dt is None or not x.is_cpu:
             _check_logits(x, op)
@@ -390,10 +460,17 @@ class KernelOps:
         if t.dtype != x.dtype or t.shape != x.shape or not t.is_cpu or not t.is_contiguous():
             t = _elementwise_targets(t, x, op)
         n = x.numel()
-        loss = torch.empty((), dtype=x.dtype)
-        grad = _empty(x.shape, x.dtype) if want_grad else None
+        loss = _scalar_out(x.dtype)
+        grad = None
+        if want_grad:
+            big = n * x.element_size() >= _THP_MIN
+            grad = self._pool.take(x.shape, x.dtype, n, x) if reuse and big else _empty(x.shape, x.dtype, x)
         scale = 1.0 if mode == 0 else (1.0 / n if n else 0.0)
         lp, gp = loss.data_ptr(), _ptr(grad)
+        if self.soft is None or n <= _SOFT_PROBE:  # one call, no closure (the usual case)
+            if self._cred(self.name, dt, n)(n, x.data_ptr(), t.data_ptr(), *params, scale, lp, gp) == 0:
+                return loss, grad
+            # a label outside the kernel's domain (or soft targets): as below, from the start
 
         def run(kernel):
             return self._cred(kernel, dt, n)(n, x.data_ptr(), t.data_ptr(), *params, scale, lp, gp)
@@ -403,7 +480,7 @@ class KernelOps:
             raise ValueError(f"{op}: the C kernel {kernel} rejected its arguments (code {rc}; parameters {params})")
         return loss, grad
 
-    def _rows_reduced(self, x, target, alpha_vec, params, ignore_index, mode, want_grad=True):
+    def _rows_reduced(self, x, target, alpha_vec, params, ignore_index, mode, want_grad=True, reuse=False):
         """(the rows' loss summed (mode 0), averaged over the rows not ignored (1) or weighted by
         their alpha_t (2), a 0-d tensor; its gradient, or None when not ``want_grad``)."""
         op = self.qualname
@@ -413,8 +490,11 @@ class KernelOps:
         m, k = x.shape
         target = _class_targets(target, m, op)
         alpha_vec = _alpha_vec(alpha_vec, x, op)
-        loss = torch.empty((), dtype=x.dtype)
-        grad = _empty(x.shape, x.dtype) if want_grad else None
+        loss = _scalar_out(x.dtype)
+        grad = None
+        if want_grad:
+            big = m * k * x.element_size() >= _THP_MIN
+            grad = self._pool.take(x.shape, x.dtype, m * k, x) if reuse and big else _empty(x.shape, x.dtype, x)
         fn = self._cred(self.name, _DT[x.dtype], m * k)
         rc = fn(m, k, _ptr(x), _ptr(target), *self._c_params(alpha_vec, params), ignore_index, 1.0, mode,
                 loss.data_ptr(), _ptr(grad))
@@ -426,11 +506,11 @@ class KernelOps:
                              f"parameters {params})")
         return loss, grad
 
-    def _reduced_impl(self, args, want_grad=True):
+    def _reduced_impl(self, args, want_grad=True, reuse=False):
         x, target, alpha_vec, params, ii, mode = self._split(args)
         if self.layout == "elementwise":
-            return self._elementwise_reduced(x, target, params, mode, want_grad)
-        return self._rows_reduced(x, target, alpha_vec, params, ii, mode, want_grad)
+            return self._elementwise_reduced(x, target, params, mode, want_grad, reuse)
+        return self._rows_reduced(x, target, alpha_vec, params, ii, mode, want_grad, reuse)
 
     def _reduced_factor(self, x, target, alpha_vec, params, ii, mode):
         """The factor f of the reduced gradient (grad = f * the per-element or per-row gradient):
@@ -550,9 +630,11 @@ class KernelOps:
         loss array written, no ``g * grad`` pass when the incoming gradient is 1 (eager)."""
         self.red = None
         self._red_names = {}
+        self._pool = _GradPool()
         if self.layout == "class_probs":  # no reduced C entry point for class probabilities (yet)
             return
         self._red_kinds = self._reduced_kinds()
+        self._red_alpha = self.layout == "class_index" and self.class_alpha  # args[2] is alpha_vec
         kernel = self
 
         def red_impl(*args):
@@ -570,18 +652,22 @@ class KernelOps:
         self.red.register_autograd(self._red_backward, setup_context=self._red_setup)
 
         class FusedReduced(torch.autograd.Function):
-            """The eager path of the reduced op (see :class:`Fused`); its backward hands the saved,
-            pre-scaled gradient on as it is when the incoming gradient is 1."""
+            """The eager path of the reduced op (see :class:`Fused`), with one output, the loss (each
+            output costs autograd bookkeeping per call): the pre-scaled gradient is saved beside the
+            inputs, and the backward hands it on as it is when the incoming gradient is 1.  Under
+            create_graph=True (double backward, HVPs) the backward differentiates the gradient
+            through the per-element op instead (one more pass: see :meth:`_red_eager_backward`)."""
 
             @staticmethod
             def forward(ctx, *args):
-                output = red_impl(*args)
-                kernel._red_setup(ctx, args, output)
-                return output
+                loss, grad = kernel._reduced_impl(args, reuse=True)  # the gradient in a pooled buffer
+                ctx.save_for_backward(args[0], args[1], args[2] if kernel._red_alpha else None, grad)
+                ctx.args = args
+                return loss
 
             @staticmethod
-            def backward(ctx, g_loss, g_grad):
-                return kernel._red_backward(ctx, g_loss, g_grad, eager=True)
+            def backward(ctx, g_loss):
+                return kernel._red_eager_backward(ctx, g_loss)
 
         FusedReduced.__name__ = FusedReduced.__qualname__ = f"{self.qualname.replace('::', '_')}_reduced_eager"
         self._fused_red = FusedReduced
@@ -598,7 +684,32 @@ class KernelOps:
             return self.red(*args)[0]
         if not (x.requires_grad and torch.is_grad_enabled()):
             return self._reduced_impl(args, want_grad=False)[0]
-        return self._fused_red.apply(*args)[0]
+        return self._fused_red.apply(*args)
+
+    def _red_eager_backward(self, ctx, g_loss):
+        x, target, alpha_vec, grad = ctx.saved_tensors
+        n_inputs = len(ctx.args)
+        if g_loss is None:
+            return (None,) * n_inputs
+        if not torch.is_grad_enabled():  # first order: the saved gradient, times g unless g is 1
+            if not _keep_graph() and g_loss.dim() == 0 and g_loss.item() == 1.0:
+                # the usual loss.backward(): the saved gradient is the answer, handed on without a
+                # pass over it (autograd then takes it as x.grad without a copy); not when the graph
+                # is kept (a second backward would add into the saved gradient through x.grad)
+                return (grad,) + (None,) * (n_inputs - 1)
+            return (g_loss * grad,) + (None,) * (n_inputs - 1)
+        # create_graph=True: the gradient as a differentiable function of x, from the per-element op
+        # (whose backward applies the proved second derivative), scaled and reduced as the forward was
+        if self.op2 is None:
+            raise ThirdDerivativeError(f"kernel {self.name!r} declares no second derivative (hess, dcoef or d2term "
+                                       "in its [[kernel]] table): its gradient cannot be differentiated "
+                                       "(backward with create_graph=True, double backward, HVPs)")
+        xs, _, _, params, ii, mode = self._split(ctx.args)
+        op_args = (x, target) + ((alpha_vec,) if self._red_alpha else ()) + tuple(params) + (
+            (ii,) if self.layout == "class_index" else ())
+        per = self.apply(*op_args)[1]
+        f = self._reduced_factor(x, target, alpha_vec, params, ii, mode)
+        return (g_loss * (per * f),) + (None,) * (n_inputs - 1)
 
     def _red_setup(self, ctx, inputs, output):
         x, target, alpha_vec, params, ii, mode = self._split(inputs)
