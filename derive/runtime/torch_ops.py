@@ -621,6 +621,7 @@ class KernelOps:
 
         Fused.__name__ = Fused.__qualname__ = f"{self.qualname.replace('::', '_')}_eager"
         self._fused = Fused
+        self._fwd_impl = fwd_impl
 
     def _build_reduced(self):
         """The reduced op ``<qualname>_reduced``: ``(<the op's arguments>, int mode) -> (loss, grad)``,
@@ -755,6 +756,8 @@ class KernelOps:
         if (torch.compiler.is_compiling() or type(x) is not torch.Tensor or not x.is_cpu
                 or _dispatch_mode() is not None or _wrapped(x)):
             return self.op(*args)
+        if not (x.requires_grad and torch.is_grad_enabled()):  # nothing to differentiate: the kernel alone
+            return self._fwd_impl(*args)
         return self._fused.apply(*args)
 
     # autograd ---------------------------------------------------------------------------------
