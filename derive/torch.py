@@ -31,6 +31,11 @@ computed in float32 and rounded once to the input dtype, so their error is that 
 float32 before that rounding).  Non-contiguous inputs are made contiguous (one copy), as are
 softmax logits of shape (N, K, d1, ...) (the classes moved last, as the kernels read rows).
 
+``reduction="sum"`` and ``"mean"`` (elementwise and class-index kernels) run one reduced kernel
+pass: the loss summed in the pass that writes the gradient (in double, compensated, in a fixed
+order: the same on any thread count), the gradient written pre-scaled; a backward with an
+incoming gradient of 1 (``loss.backward()``) hands it on without another pass.
+
 "mean" follows torch, except that a mean over no rows (every target ``ignore_index``, or all
 their weights 0) is 0 with gradient 0, where torch gives NaN: one batch of padding then adds
 nothing, instead of turning every parameter into NaN.

@@ -15,6 +15,13 @@ namespace ``derive``:
   gradient with respect to ``v`` is the HVP again (the Hessian is symmetric), which is what
   ``torch.autograd.functional.hvp`` needs; a third derivative in x is not derived and raises.
 
+* ``<prefix><kernel>_reduced`` (elementwise and class-index kernels): ``(<the op's arguments>,
+  int mode) -> (loss, grad)`` with the loss a 0-d tensor, the sum (mode 0) or mean (1; 2: the
+  alpha_t-weighted mean of torch's ``weight``) formed in the kernel's pass
+  (``derive_<kernel>_reduced_<dt>``: compensated, in a fixed order, the same on any thread count)
+  and grad pre-scaled: no loss array, no reduction pass, and in eager mode no ``g * grad`` pass
+  when the incoming gradient is 1.  The drop-ins with reduction "sum"/"mean" run it.
+
 ``<prefix>`` is ``<module>_`` for a shipped module and ``u<digest>_`` (the generated C source's
 digest) for a user's file, so that two files never register the same name and loading one file
 twice reuses its ops.  ``register_fake`` gives shapes and dtypes (torch.compile, meta tensors).
@@ -23,6 +30,9 @@ The ops take CPU tensors of float32 or float64 and pass their data pointers to t
 (:mod:`derive.runtime.cbuild`): contiguous inputs are not copied; non-contiguous ones are made
 contiguous (one copy); targets of another dtype are converted to the logits' (one copy).
 float16 and bfloat16 are handled by :mod:`derive.torch`'s functions, which compute in float32.
+Outputs of 4 MiB and more are advised as transparent huge pages before the kernel first writes
+them (see :func:`_empty`), and the eager reduced path reuses its gradient buffers once nothing
+references them (:class:`_GradPool`, ``REUSE_GRAD``).
 """
 from __future__ import annotations
 
