@@ -31,6 +31,11 @@ computed in float32 and rounded once to the input dtype, so their error is that 
 float32 before that rounding).  Non-contiguous inputs are made contiguous (one copy), as are
 softmax logits of shape (N, K, d1, ...) (the classes moved last, as the kernels read rows).
 
+``reduction="sum"`` and ``"mean"`` (elementwise and class-index kernels) run one reduced kernel
+pass: the loss summed in the pass that writes the gradient (in double, compensated, in a fixed
+order: the same on any thread count), the gradient written pre-scaled; a backward with an
+incoming gradient of 1 (``loss.backward()``) hands it on without another pass.
+
 "mean" follows torch, except that a mean over no rows (every target ``ignore_index``, or all
 their weights 0) is 0 with gradient 0, where torch gives NaN: one batch of padding then adds
 nothing, instead of turning every parameter into NaN.
@@ -60,7 +65,7 @@ def _logits(inputs, name="input"):
     """(x in float32/float64, the dtype to return): float16/bfloat16 computed in float32."""
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(inputs).__name__}")
-    if inputs.device.type not in ("cpu", "meta"):
+    if not (inputs.is_cpu or inputs.is_meta):
         raise ValueError(f"{name} is on {inputs.device}: the derive kernels run on CPU tensors")
     if inputs.dtype in (torch.float32, torch.float64):
         return inputs, inputs.dtype
@@ -175,6 +180,27 @@ def _param(ops, name, value, allow_off=False, label=None):
     return value
 
 
+_CHECKED: dict = {}  # (kernel, (type, value) of each argument) -> the checked parameters (eager calls)
+
+
+def _checked(ops, alpha, gamma):
+    """``_scalar_params(ops, {"alpha": alpha, "gamma": gamma})``, remembered for the values of
+    earlier eager calls (a training loop passes the same numbers every step); by type and value,
+    so True is not taken for 1.  Under torch.compile, checked every time (traced once)."""
+    if torch.compiler.is_compiling():
+        return _scalar_params(ops, {"alpha": alpha, "gamma": gamma})
+    try:
+        key = (ops.qualname, type(alpha), alpha, type(gamma), gamma)
+        values = _CHECKED.get(key)
+    except TypeError:  # an unhashable argument (a tensor is hashable; a list is not): checked
+        return _scalar_params(ops, {"alpha": alpha, "gamma": gamma})
+    if values is None:
+        values = _scalar_params(ops, {"alpha": alpha, "gamma": gamma})
+        if isinstance(alpha, (int, float)) and isinstance(gamma, (int, float)) and len(_CHECKED) < 4096:
+            _CHECKED[key] = values
+    return values
+
+
 def _scalar_params(ops, params):
     """The declared scalar parameters in the kernel's order (``params``: name -> value); a
     no_weight_below_zero one may be negative, a per-class alpha is checked by the kernel."""
@@ -187,13 +213,19 @@ def _scalar_params(ops, params):
 # the generic calls: one per layout
 
 
+_MODE = {"sum": 0, "mean": 1}  # the reduced ops' modes
+
+
 def _elementwise(ops, inputs, targets, values, reduction):
     x, dtype = _logits(inputs)
     t = _targets(targets)
-    if tuple(t.shape) != tuple(x.shape):
+    if t.shape != x.shape:
         raise ValueError(f"target has shape {tuple(t.shape)}, but input has shape {tuple(x.shape)}")
-    loss = ops.apply(x, t, *values)[0]
-    return _reduce(loss, reduction).to(dtype)
+    if reduction != "none" and ops.red is not None:  # summed in the kernel's pass, gradient pre-scaled
+        loss = ops.reduced(x, t, *values, _MODE[reduction])
+    else:
+        loss = _reduce(ops.apply(x, t, *values)[0], reduction)
+    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 def _class_index(ops, inputs, targets, alpha_vec, values, ignore_index, reduction, weights=None, scale=None):
@@ -208,6 +240,14 @@ def _class_index(ops, inputs, targets, alpha_vec, values, ignore_index, reductio
                          f"for {ops.info['title']}: no kernel declares them; give class indices of shape {lead}")
     flat = _class_targets(t, x, lead)
     args = (rows, flat) + ((alpha_vec,) if ops.class_alpha else ()) + tuple(values) + (ignore_index,)
+    if reduction != "none" and ops.red is not None:  # summed in the kernel's pass, gradient pre-scaled
+        # "mean": over the rows not ignored, or (``weights``: cross_entropy's per-class weights, the
+        # kernel's alpha_vec) over their alpha_t, torch's weighted mean (mode 2)
+        mode = 0 if reduction == "sum" else (1 if weights is None else 2)
+        out = ops.reduced(*args, mode)
+        if scale is not None and reduction != "mean":
+            out = out * scale.to(out.dtype)
+        return out if out.dtype == dtype else out.to(dtype)
     loss = ops.apply(*args)[0]
     count = None
     if reduction == "mean":
@@ -393,7 +433,7 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     for ``alpha < 0``; gamma >= 0.  ``reduction``: "none", "mean" or "sum".  Finite loss and
     gradients at saturated logits (x_t = 40, gamma = 0.5), where torchvision's formula gives NaN."""
     ops = _shipped_ops("sigmoid_focal_alpha")
-    values = _scalar_params(ops, {"alpha": alpha, "gamma": gamma})
+    values = _checked(ops, alpha, gamma)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: 'none', "
                          "'mean', 'sum'")

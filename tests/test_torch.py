@@ -7,6 +7,7 @@ differences (gradcheck, gradgradcheck), and derive's NumPy API on the same input
 """
 from __future__ import annotations
 
+import math
 import shutil
 
 import numpy as np
@@ -545,3 +546,171 @@ def test_a_users_file_gets_its_own_ops(tmp_path, monkeypatch):
     t = torch.tensor([0, 1, 2, 3, -100, 1])
     assert torch.equal(mine.poly1_softmax(x, t, epsilon=0.5), dt.kernels.poly1_softmax(x, t, epsilon=0.5))
     assert torch.autograd.gradgradcheck(lambda z: mine.poly1_softmax(z, t), (x.clone().requires_grad_(),))
+
+
+# ------------------------------------------------------------------------------------------
+# the reduced ops: the loss summed in the kernel's pass, the gradient pre-scaled
+
+REDUCED = [k for k in KERNELS if dt.kernels.ops(k.name).red is not None]
+
+
+def _modes(ops):
+    return (0, 1, 2) if (ops.layout == "class_index" and ops.class_alpha) else (0, 1)
+
+
+def _factor(ops, x, t, alpha_vec, params, ii, mode):
+    """The reduced gradient's factor, computed here in float64 from the definition of each mode."""
+    if mode == 0:
+        return 1.0
+    if ops.layout == "elementwise":
+        return 1.0 / x.numel()
+    valid = t != ii
+    if mode == 1:
+        den = float(valid.sum())
+    else:
+        w = alpha_vec.double() if alpha_vec is not None else torch.full((x.shape[1],), params[0], dtype=torch.float64)
+        den = float(sum(w[int(c)] for c in t[valid]))
+    return 1.0 / den if den > 0 else 0.0
+
+
+def _saturated(x, ops):
+    """A few saturated logits among the sample's (x_t = 20 and 40 where the layout allows it)."""
+    x = x.clone()
+    x.view(-1)[0] = 40.0
+    x.view(-1)[-1] = -20.0
+    return x
+
+
+@pytest.mark.parametrize("decl", REDUCED, ids=[k.name for k in REDUCED])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reduced_op_equals_the_per_element_op(decl, dtype):
+    """For every mode (sum, mean, the alpha-weighted mean): the reduced op's gradient is the
+    per-element op's gradient times the mode's factor, bit for bit (the same block code, one
+    rounding of the product); its loss is the float64 sum of the per-element losses times the
+    factor, within one rounding to the dtype; the custom op and the eager path agree; opcheck
+    passes on the reduced op (float64, its last mode)."""
+    ops, x, t, alpha_vec, params, ii = _sample(decl, dtype=dtype)
+    x = _saturated(x, ops)
+    args = _op_args(ops, x, t, alpha_vec, params, ii)
+    per_loss, per_grad = ops.op(*args)
+    ref_sum = math.fsum(per_loss.double().reshape(-1).tolist())
+    eps = torch.finfo(dtype).eps
+    for mode in _modes(ops):
+        f = _factor(ops, x, t, alpha_vec, params, ii, mode)
+        loss, grad = ops.red(*args, mode)
+        assert loss.shape == () and loss.dtype == dtype and grad.shape == x.shape
+        assert torch.equal(grad, per_grad * torch.tensor(f, dtype=torch.float64).to(dtype))
+        assert abs(loss.item() - ref_sum * f) <= eps * abs(ref_sum * f) + 1e-300
+        xa = x.clone().requires_grad_()
+        la = ops.reduced(*_op_args(ops, xa, t, alpha_vec, params, ii), mode)
+        la.backward()
+        assert torch.equal(la.detach(), loss) and torch.equal(xa.grad, grad)
+        assert torch.equal(ops.reduced(*args, mode), loss)  # no grad wanted: the sum alone, the same
+    if dtype == torch.float64:  # opcheck once per kernel (it runs several checks of its own), the last mode
+        torch.library.opcheck(ops.red, (*_op_args(ops, x.clone().requires_grad_(), t, alpha_vec, params, ii), mode))
+    with pytest.raises(ValueError, match="mode must be"):
+        ops.red(*args, 7)
+
+
+def test_reduced_gradcheck_and_gradgradcheck_in_float64():
+    """gradcheck and gradgradcheck (finite differences) of the drop-ins with reduction sum and
+    mean (the eager path) and of the reduced custom ops themselves (the registered autograd that
+    torch.compile traces), at ordinary and saturated logits (x_t = 20 and 40, gamma = 0.5)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64) * 3
+    x[0, 0], x[1, 1] = 20.0, -40.0
+    tb = (torch.rand(3, 5, generator=g) > 0.5).double()
+    tb[0, 0], tb[1, 1] = 1.0, 0.0  # x_t = 20 and 40
+    tc = torch.tensor([0, -100, 3])
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=torch.float64)
+    a5 = torch.tensor([0.25, 0.5, 1.0, 0.75, 0.1], dtype=torch.float64)
+    sig, soft, ce = (dt.kernels.ops(k) for k in ("sigmoid_focal_alpha", "softmax_focal", "softmax_ce"))
+    cases = [
+        lambda z: sig.red(z, tb, 0.25, 0.5, 0)[0],
+        lambda z: sig.red(z, tb, -1.0, 0.5, 1)[0],
+        lambda z: soft.red(z, tc, a5, 1.0, 0.5, -100, 2)[0],
+        lambda z: ce.red(z, tc, -100, 1)[0],
+    ]
+    for red in ("sum", "mean"):
+        cases += [
+            lambda z, red=red: dt.sigmoid_focal_loss(z, tb, alpha=0.25, gamma=0.5, reduction=red),
+            lambda z, red=red: dt.binary_cross_entropy_with_logits(z, tb, reduction=red),
+            lambda z, red=red: dt.softmax_focal_loss(z, tc, alpha=a5, gamma=0.5, reduction=red),
+            lambda z, red=red: dt.cross_entropy(z, tc, weight=w, reduction=red),
+            lambda z, red=red: dt.cross_entropy(z, tc, reduction=red),
+        ]
+    for fn in cases:
+        z = x.clone().requires_grad_()
+        assert torch.autograd.gradcheck(fn, (z,))
+        assert torch.autograd.gradgradcheck(fn, (z,))
+
+
+def test_reduced_sum_independent_of_threads_and_matches_float64():
+    """The reduced sum is formed in a fixed order: the same bits on 1 and 2 threads (above the
+    kernels' threading threshold), and within float32's rounding of the float64 truth."""
+    g = torch.Generator().manual_seed(12)
+    n = 200_003
+    x = torch.randn(n, generator=g) * 4
+    t = (torch.rand(n, generator=g) > 0.7).float()
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for nth in (1, 2):
+            torch.set_num_threads(nth)
+            xa = x.clone().requires_grad_()
+            loss = dt.sigmoid_focal_loss(xa, t, reduction="mean")
+            loss.backward()
+            outs.append((loss.detach(), xa.grad))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    ref = tv_sigmoid_focal_loss(x.double(), t.double(), reduction="mean")
+    assert abs(outs[0][0].item() - ref.item()) <= (2 ** -23 + BOUND32) * abs(ref.item())
+
+
+def test_reduced_backward_scales_keeps_graphs_and_never_overwrites_a_held_gradient():
+    """An incoming gradient other than 1 multiplies; retain_graph=True backward twice accumulates
+    2x (the saved gradient is not aliased into x.grad and then added into); a gradient still held
+    (x.grad, a view of it) is never written by a later call, and a freed one is reused."""
+    from derive.runtime import torch_ops
+
+    g = torch.Generator().manual_seed(13)
+    n = 1 << 20  # 4 MiB of float32: pooled
+    x = torch.randn(n, generator=g) * 3
+    t = (torch.rand(n, generator=g) > 0.5).float()
+    base = dt.kernels.ops("sigmoid_focal_alpha").op(x, t, 0.25, 2.0)[1]  # the per-element op's gradient
+    x1 = x.clone().requires_grad_()
+    (2.5 * dt.sigmoid_focal_loss(x1, t, reduction="sum")).backward()
+    assert torch.equal(x1.grad, base * 2.5)
+    x2 = x.clone().requires_grad_()
+    loss = dt.sigmoid_focal_loss(x2, t, reduction="sum")
+    loss.backward(retain_graph=True)
+    once = x2.grad.clone()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert torch.equal(x2.grad, once * 3)
+    del loss
+    # a held gradient: the next calls (other values) must not write into it
+    xa = x.clone().requires_grad_()
+    dt.sigmoid_focal_loss(xa, t, reduction="sum").backward()
+    held, view, kept = xa.grad, xa.grad[10:20], xa.grad.clone()
+    ptr = held.data_ptr()
+    del xa
+    for _ in range(3):
+        xb = (x * 0.5).requires_grad_()
+        dt.sigmoid_focal_loss(xb, t, reduction="sum").backward()
+        assert xb.grad.data_ptr() != ptr
+    assert torch.equal(held, kept) and torch.equal(view, kept[10:20])
+    del held, view, xb
+    xc = x.clone().requires_grad_()
+    dt.sigmoid_focal_loss(xc, t, reduction="sum").backward()
+    assert torch.equal(xc.grad, kept)
+    pooled = {b.data_ptr() for slots in dt.kernels.ops("sigmoid_focal_alpha")._pool._slots.values() for b in slots}
+    assert xc.grad.data_ptr() in pooled  # freed buffers are used again (the point of the pool)
+    torch_ops.REUSE_GRAD = False
+    try:
+        xd = x.clone().requires_grad_()
+        dt.sigmoid_focal_loss(xd, t, reduction="sum").backward()
+        assert torch.equal(xd.grad, kept) and xd.grad.data_ptr() not in pooled
+    finally:
+        torch_ops.REUSE_GRAD = True

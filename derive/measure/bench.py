@@ -48,6 +48,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and JAX even when installed")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, figures meaningless)")
     parser.add_argument("--kernels-only", action="store_true", help="skip the verification timing")
+    parser.add_argument("--torch-only", action="store_true",
+                        help="the generated C and the PyTorch rows alone, float32 (derive.torch op, torch eager, "
+                             "torch.compile), and the torch per-call overhead; implies --kernels-only")
     parser.add_argument("--json", default="out/bench-kernels.json", type=Path,
                         help="where to write the kernel results (default: out/bench-kernels.json)")
     args = parser.parse_args(argv)
@@ -62,8 +65,10 @@ def main(argv=None) -> int:
     kw = {"peers": not args.no_peers}
     if args.quick:
         kw.update(sigmoid_n=20000, softmax_shape=(256, 80), repeats=3, memory=False)
+    if args.torch_only:
+        kw.update(torch_only=True, dtypes=("float32",))
     bench_kernels.main(out_path=args.json, **kw)
-    if args.kernels_only:
+    if args.kernels_only or args.torch_only:
         return 0
     print()
     print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")

@@ -17,12 +17,18 @@ float64, gamma = 2 and 0.5, 1 thread and all threads.  Rows:
   -(1 - p_t)^gamma log p_t and y (1 - p_t)^gamma (gamma p_t log p_t + p_t - 1), in plain NumPy;
 * ``sympy lambdify``: ``sympy.lambdify(cse=True)`` of the same closed forms;
 * ``torch eager`` / ``torch.compile``: torchvision's formula (BCE-with-logits times
-  (1 - p_t)^gamma) with autograd (compiled once per thread count, in the row's warm-up);
+  (1 - p_t)^gamma) summed, with autograd (the sum inside the compiled function: the same
+  reduction as the derive.torch rows, which earlier versions of this table summed outside the
+  compiled function: slower, a loss array written and read; compiled once per thread count, in
+  the row's warm-up);
   ``jax jit``: ``jax.jit(jax.value_and_grad)`` of the same;
 * ``derive.torch op``: the drop-ins of :mod:`derive.torch` as a training step calls them,
   ``sigmoid_focal_loss(x, t, alpha=-1, gamma, reduction="sum").backward()`` (and
   ``softmax_focal_loss``, ``cross_entropy``), fwd + bwd through autograd on the same torch
-  threads as the torch rows (derive.torch gives the C kernels torch's thread count);
+  threads as the torch rows (derive.torch gives the C kernels torch's thread count): one reduced
+  kernel pass (loss summed, gradient written), its gradient buffer reused from call to call
+  (derive.runtime.torch_ops.REUSE_GRAD); ``derive.torch op, fresh grad``: the same with a fresh
+  gradient every call, as the peers allocate theirs;
 * ``derive.jax op`` beside ``optax jit``: :mod:`derive.jax`'s drop-ins and optax's functions
   (``sigmoid_focal_loss``, ``softmax_cross_entropy_with_integer_labels``; optax has no softmax
   focal loss) under the same ``jax.jit(jax.value_and_grad)``.
@@ -64,7 +70,7 @@ DTYPES = ("float32", "float64")
 SETTLE_S = 0.25
 
 #: the rows of each peer (listed as skipped, never dropped silently, when it is missing)
-TORCH_ROWS = ("derive.torch op", "torch eager", "torch.compile")
+TORCH_ROWS = ("derive.torch op", "derive.torch op, fresh grad", "torch eager", "torch.compile")
 JAX_ROWS = ("derive.jax op", "optax jit", "jax jit")
 KIND_LABEL = {"sigmoid": "sigmoid focal", "softmax": "softmax focal", "ce": "softmax CE"}
 
@@ -149,8 +155,10 @@ def torch_rows(dtype, threads):
     def softmax_ce(x, target, gamma):  # gamma = 0: the focal loss is the cross-entropy
         return torch.nn.functional.cross_entropy(x, target, reduction="none")
 
-    def step(fn):
+    def step(fn, before=None):
         def run(x, t, gamma):
+            if before is not None:
+                before()
             xr = x.detach().requires_grad_(True)
             loss = fn(xr, t, gamma)
             (loss if loss.ndim == 0 else loss.sum()).backward()
@@ -158,23 +166,35 @@ def torch_rows(dtype, threads):
 
         return run
 
+    def summed(f):  # the same reduction as the derive.torch rows: the sum inside the (compiled) function
+        return lambda x, t, gamma: f(x, t, gamma).sum()
+
     formulas = {"sigmoid": sigmoid_focal, "softmax": softmax_focal, "ce": softmax_ce}
-    out = {"torch eager": {kind: step(f) for kind, f in formulas.items()}}
+    out = {"torch eager": {kind: step(summed(f)) for kind, f in formulas.items()}}
     try:  # compiled on the first call: the warm-up of each row, outside the timing
         torch._dynamo.reset()  # a fresh compile for this thread count (Inductor's C++ fixes its threads)
-        out["torch.compile"] = {kind: step(torch.compile(f)) for kind, f in formulas.items()}
+        out["torch.compile"] = {kind: step(torch.compile(summed(f))) for kind, f in formulas.items()}
     except Exception as exc:  # pragma: no cover - depends on the installation
         out["torch.compile"] = _skip(exc)
     try:
         import derive.torch as dt
+        from derive.runtime import torch_ops
     except Exception as exc:  # pragma: no cover - a torch derive.torch does not support
-        out["derive.torch op"] = _skip(exc)
+        out["derive.torch op"] = out["derive.torch op, fresh grad"] = _skip(exc)
     else:  # the drop-ins as a user calls them: the loss summed by the op, then backward
-        out["derive.torch op"] = {
-            "sigmoid": step(lambda x, t, g: dt.sigmoid_focal_loss(x, t, alpha=-1, gamma=g, reduction="sum")),
-            "softmax": step(lambda x, t, g: dt.softmax_focal_loss(x, t, gamma=g, reduction="sum")),
-            "ce": step(lambda x, t, g: dt.cross_entropy(x, t, reduction="sum")),
+        def reuse(on):
+            def set_reuse():
+                torch_ops.REUSE_GRAD = on
+            return set_reuse
+
+        calls = {
+            "sigmoid": lambda x, t, g: dt.sigmoid_focal_loss(x, t, alpha=-1, gamma=g, reduction="sum"),
+            "softmax": lambda x, t, g: dt.softmax_focal_loss(x, t, gamma=g, reduction="sum"),
+            "ce": lambda x, t, g: dt.cross_entropy(x, t, reduction="sum"),
         }
+        out["derive.torch op"] = {kind: step(f, reuse(True)) for kind, f in calls.items()}
+        # the gradient pool off: a fresh (huge-page advised) gradient every call, as the peers allocate
+        out["derive.torch op, fresh grad"] = {kind: step(f, reuse(False)) for kind, f in calls.items()}
     return torch, out
 
 
@@ -249,23 +269,30 @@ def _per_call(fns, budget_s=2.0, calls=200, samples=15, settle_s=0.0):
     of each function after the other, so that a change of the machine's load falls on all of
     them alike (an op and its empty op: their difference is the figure).  After a warm-up batch
     each.  The fastest batch is the figure: a fixed per-call cost is what remains when nothing
-    else ran (other processes' preemptions only add), as timeit's documentation argues."""
+    else ran (other processes' preemptions only add), as timeit's documentation argues.  The
+    fourth figure is the fastest batch's CPU time of the calling thread (time.thread_time):
+    on a machine shared with other work, the time the calls themselves used, without the other
+    processes' share of the cores (for torch at 1,000 elements every part of a call runs on the
+    calling thread: one intra-op thread, the C kernel below its threading threshold, the CPU
+    autograd engine on the caller)."""
     if settle_s:
         time.sleep(settle_s)
     for fn in fns:
         for _ in range(calls):
             fn()
     times = [[] for _ in fns]
+    cpu = [[] for _ in fns]
     start = time.perf_counter()
     for i in range(samples):
-        for fn, out in zip(fns, times):
-            t0 = time.perf_counter()
+        for fn, out, out_cpu in zip(fns, times, cpu):
+            t0, c0 = time.perf_counter(), time.thread_time()
             for _ in range(calls):
                 fn()
+            out_cpu.append((time.thread_time() - c0) / calls)
             out.append((time.perf_counter() - t0) / calls)
         if i >= 2 and time.perf_counter() - start > budget_s * len(fns):
             break
-    return [(min(t), statistics.median(t), len(t) * calls) for t in times]
+    return [(min(t), statistics.median(t), len(t) * calls, min(c)) for t, c in zip(times, cpu)]
 
 
 def _time_pairs(pairs, budget_s, threads):
@@ -273,17 +300,17 @@ def _time_pairs(pairs, budget_s, threads):
     rows = []
     for k in range(0, len(pairs), 2):
         names = [name for name, _ in pairs[k:k + 2]]
-        for name, (fast, med, calls) in zip(names, _per_call([fn for _, fn in pairs[k:k + 2]], budget_s,
-                                                            settle_s=SETTLE_S)):
+        for name, (fast, med, calls, cpu) in zip(names, _per_call([fn for _, fn in pairs[k:k + 2]], budget_s,
+                                                                 settle_s=SETTLE_S)):
             rows.append({"row": name, "us_per_call": fast * 1e6, "median_us": med * 1e6, "calls": calls,
-                         "threads": threads})
+                         "threads": threads, "cpu_us_per_call": cpu * 1e6})
     return rows
 
 
 OVERHEAD_N = 1000
 
 
-def overhead(n=OVERHEAD_N, budget_s=2.0):
+def overhead(n=OVERHEAD_N, budget_s=2.0, with_jax=True):
     """Per-call cost of the derive.torch and derive.jax ops on ``n`` float32 logits (sigmoid
     focal loss, gamma = 2, alpha < 0), each beside an empty op of the same shape (``x * 1``),
     used the same way and timed in turn with it, so that the difference is what derive adds per call (argument checks,
@@ -323,12 +350,15 @@ def overhead(n=OVERHEAD_N, budget_s=2.0):
         )
         rows += [dict(r, n=n) for r in _time_pairs(pairs, budget_s, 1)]
     try:
+        if not with_jax:
+            raise ImportError("not asked for")
         import jax
         import jax.numpy as jnp
 
         import derive.jax as dj
     except Exception as exc:
-        skipped["overhead (jax)"] = _skip(exc) if not isinstance(exc, ImportError) else "skipped: jax not installed"
+        skipped["overhead (jax)"] = _skip(exc) if not isinstance(exc, ImportError) else (
+            "skipped: jax not installed" if with_jax else "skipped: --torch-only")
     else:
         jx, jt = jnp.asarray(xn), jnp.asarray(tn)
         ours = jax.jit(jax.value_and_grad(lambda a: dj.sigmoid_focal_loss(a, jt, gamma=2.0).sum()))
@@ -345,9 +375,10 @@ def overhead(n=OVERHEAD_N, budget_s=2.0):
     return rows, skipped
 
 
-def overhead_figures(rows) -> list:
-    """(what, microseconds): each op's time per call minus its empty op's."""
-    by = {r["row"]: r["us_per_call"] for r in rows}
+def overhead_figures(rows, key="us_per_call") -> list:
+    """(what, microseconds): each op's time per call minus its empty op's (``key``: "us_per_call",
+    wall-clock, or "cpu_us_per_call", the calling thread's CPU time)."""
+    by = {r["row"]: r.get(key) for r in rows if r.get(key) is not None}
     out = []
     for lib, how in (("torch", "fwd+bwd"), ("torch", "forward"), ("jax", "jit fwd+bwd"), ("jax", "jit forward")):
         ours, empty = by.get(f"derive.{lib} op, {how}"), by.get(f"empty {lib} op (x*1), {how}")
@@ -426,7 +457,9 @@ print(reused, fresh, out_bytes)
 
 
 def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, gammas=GAMMAS, dtypes=DTYPES, threads=None, repeats=7,
-        peers=True, memory=True, overhead_n=OVERHEAD_N):
+        peers=True, memory=True, overhead_n=OVERHEAD_N, torch_only=False):
+    """Every row of every configuration; ``torch_only``: the generated C and the torch rows alone
+    (no NumPy, SymPy or JAX rows, no memory figures; the torch per-call overhead kept)."""
     import derive
     from derive.runtime import cbuild
     from derive.runtime import losses
@@ -443,7 +476,13 @@ def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, gammas=GAMMAS, dtypes=
     skipped = {}
     tor = jx = None
     jax_backend = None
-    if peers:
+    if torch_only:
+        memory = False
+        for name in JAX_ROWS:
+            skipped[name] = "skipped: --torch-only"
+    if peers and torch_only:
+        pass  # the torch rows below; no JAX
+    elif peers:
         jx = jax_rows()
         if jx is None:
             for name in JAX_ROWS:
@@ -500,7 +539,7 @@ def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, gammas=GAMMAS, dtypes=
                 if have_c:
                     rows.append(("generated C", ours("c")))
                     rows.append(("generated C, out=", ours("c", out=outs)))
-                if nth == 1 and kind != "ce":
+                if nth == 1 and kind != "ce" and not torch_only:
                     rows.append(("generated NumPy", ours("numpy")))
                     rows.append(("generated NumPy, out=", ours("numpy", out=outs)))
                     if kind == "sigmoid":
@@ -544,7 +583,7 @@ def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, gammas=GAMMAS, dtypes=
                                     "bandwidth_GBps": bw / 1e9})
     over = []
     if peers and overhead_n:
-        over, why = overhead(overhead_n)
+        over, why = overhead(overhead_n, with_jax=not torch_only)
         skipped.update(why)
     mem = {}
     if memory and have_c:
@@ -598,7 +637,8 @@ def _peer_versions():
 
 
 #: (ours, peer): the comparisons printed for every configuration where both rows ran
-RATIOS = (("derive.torch op", "torch.compile"), ("derive.torch op", "torch eager"),
+RATIOS = (("derive.torch op", "torch.compile"), ("derive.torch op, fresh grad", "torch.compile"),
+          ("derive.torch op", "torch eager"),
           ("derive.jax op", "optax jit"), ("derive.jax op", "jax jit"))
 
 
@@ -662,9 +702,14 @@ def format_table(res) -> str:
         lines.append(f"per-call cost at {n:,} float32 elements (sigmoid focal, gamma 2; fastest batch of calls, "
                      "median in brackets):")
         for r in res["overhead"]:
-            lines.append(f"  {r['row']:<34} {r['us_per_call']:8.1f} us  ({r['median_us']:.1f})  thr {r['threads']}")
+            cpu = r.get("cpu_us_per_call")
+            lines.append(f"  {r['row']:<34} {r['us_per_call']:8.1f} us  ({r['median_us']:.1f})  thr {r['threads']}"
+                         + (f"  calling thread's CPU {cpu:.1f} us" if cpu is not None and r["threads"] != "xla" else ""))
         for what, us in overhead_figures(res["overhead"]):
             lines.append(f"  overhead of the {what} (minus the empty op's): {us:.1f} us")
+        for what, us in overhead_figures(res["overhead"], "cpu_us_per_call"):
+            if what.startswith("derive.torch"):
+                lines.append(f"  overhead of the {what} (minus the empty op's), calling thread's CPU time: {us:.1f} us")
     for name, why in sorted(res["skipped"].items()):
         lines.append(f"{name}: {why}")
     for kind, m in res["memory"].items():
@@ -725,14 +770,19 @@ def targets(res) -> list:
                     out.append((f"generated NumPy {kind} {dtype} gamma {gamma:g} faster than torch eager",
                                 g["ns_per_elem"] < te["ns_per_elem"], f"{te['ns_per_elem'] / g['ns_per_elem']:.2f}x"))
     for r in res.get("ratios", ()):
-        if (r["ours"], r["peer"], r["kernel"], r["dtype"], r["gamma"]) == \
-                ("derive.torch op", "torch.compile", "sigmoid focal", "float32", 2.0):
-            out.append((f"derive.torch op float32 sigmoid focal, gamma 2, {r['threads']} thread(s), fwd+bwd: 5x faster "
-                        "than torch.compile of torchvision's formula", r["x_faster"] >= 5, f"{r['x_faster']:.1f}x"))
+        if (r["peer"], r["kernel"], r["dtype"], r["gamma"]) == ("torch.compile", "sigmoid focal", "float32", 2.0) \
+                and r["ours"].startswith("derive.torch op"):
+            out.append((f"{r['ours']} float32 sigmoid focal, gamma 2, {r['threads']} thread(s), fwd+bwd: 5x faster "
+                        "than torch.compile of torchvision's formula (summed inside)", r["x_faster"] >= 5,
+                        f"{r['x_faster']:.1f}x"))
     for what, us in overhead_figures(res.get("overhead", ())):
         if what.startswith("derive.torch"):
-            out.append((f"{what} at {res['info']['sizes']['overhead']:,} elements: per-call overhead under 20 us",
-                        us < 20, f"{us:.1f} us"))
+            out.append((f"{what} at {res['info']['sizes']['overhead']:,} elements: per-call overhead under 20 us "
+                        "(wall-clock, fastest batch)", us < 20, f"{us:.1f} us"))
+    for what, us in overhead_figures(res.get("overhead", ()), "cpu_us_per_call"):
+        if what.startswith("derive.torch"):
+            out.append((f"{what} at {res['info']['sizes']['overhead']:,} elements: per-call overhead under 20 us "
+                        "(the calling thread's CPU time, fastest batch)", us < 20, f"{us:.1f} us"))
     for kind, m in res.get("memory", {}).items():
         if m.get("extra_bytes_out") is not None:
             out.append((f"C {kind}: no memory beyond the outputs (out=)", m["extra_bytes_out"] <= 2**20,
