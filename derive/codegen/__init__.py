@@ -34,7 +34,13 @@ TEMPLATES = {
     ".h": "kernels.h.j2",
     ".c": "kernels.c.j2",
     ".py": "kernels.py.j2",
+    ".cuh": "kernels.cuh.j2",
+    ".cu": "kernels.cu.j2",
 }
+#: the CUDA outputs: their digest covers every template (they share the C kernels' expressions and
+#: the NumPy module's KERNELS table); the C and NumPy outputs' digest covers the other templates only,
+#: so adding the CUDA backend left their bytes as they were
+CUDA_SUFFIXES = (".cuh", ".cu")
 #: the shipped file's module (its [file] module key)
 SHIPPED_MODULE = "focal_kernels"
 #: generated file -> template, for the shipped kernels
@@ -155,6 +161,8 @@ def _kernel_model(prep, file):
             args.append("int64_t ignore_index")
         args += [f"{T} *loss", f"{T} *grad"]
         model["c_proto"][dt] = f"int {fname}({', '.join(args)})"
+    model["cuda"] = {dt: _print_cuda(prep, dt) for dt in ("f32", "f64")}
+    model["cuda_proto"] = _cuda_protos(spec, None)
     model["uses_t"] = any(sym.name == "ti" for e in prep.exprs.values() for sym in e.free_symbols) or any(
         sym.name == "ti" for e in prep.extra_exprs.values() for sym in e.free_symbols)
     # gamma appears as an exponent: the C driver passes integer gammas as constants (pow(v, 2) -> v*v)
@@ -175,6 +183,8 @@ def _second_model(spec, file):
     suffix = _k.SECOND_SUFFIX[spec.kind]
     model = {"name": f"{spec.name}_{suffix}", "suffix": suffix, "code": {"numpy": _k.print_numpy(prep)},
              "c_proto": {}, "exports": ", ".join(prep.export_names.values()), "export": spec.second}
+    model["cuda"] = {dt: _print_cuda(prep, dt) for dt in ("f32", "f64")}
+    model["cuda_proto"] = _cuda_protos(spec, suffix)
     for dt, cfg in _k.C_CONFIGS.items():
         model["code"][dt] = _k.print_c(prep, dt)
         T = cfg.ctype
@@ -197,6 +207,58 @@ def _second_model(spec, file):
     return model
 
 
+def _print_cuda(prep, dtype):
+    """One kernel's CUDA device code for one compute type: the C kernels' CSE, the CUDA printer."""
+    from derive.codegen import kernels as _k
+    from derive.codegen.printers import cuda_printer, with_sigmoid_pow
+
+    temps, reduced = _k._cse({k: with_sigmoid_pow(v) for k, v in prep.exprs.items()})
+    pr = cuda_printer(dtype, _k._ranks(temps))
+    return _k.Printed([(str(s), pr.doprint(e)) for s, e in temps], {k: pr.doprint(v) for k, v in reduced.items()},
+                      {k: pr.doprint(v) for k, v in prep.extra_exprs.items()})
+
+
+def _cuda_protos(spec, second):
+    """{storage dtype: the extern "C" launcher's prototype} of a kernel (``second``: None, or the
+    second-derivative kernel's suffix, hess / hvp).  Tensors in the storage type S, scalars and a
+    per-class alpha in the compute type T, ``flags`` two device ints the kernel sets to 1 (flags[0]: a
+    label or target outside its set, flags[1]: a class index or its alpha invalid), then the stream."""
+    from derive.codegen.printers import CUDA_CONFIGS as _CUDA_CONFIGS
+
+    out = {}
+    for cfg in _CUDA_CONFIGS.values():
+        T = cfg.ctype
+        for sd, S in cfg.storage:
+            if spec.kind == "elementwise":
+                args = ["size_t n", f"const {S} *x", f"const {S} *t"] + [f"{T} {p}" for p in spec.params]
+            elif spec.kind == "rowprobs":
+                args = ["size_t n", "size_t k", f"const {S} *x", f"const {S} *q"] + [f"{T} {p}" for p in spec.params]
+            else:
+                args = ["size_t n", "size_t k", f"const {S} *x", "const int64_t *target"]
+                for p in spec.params:
+                    args += [f"const {T} *alpha_vec", f"{T} alpha"] if (p == "alpha" and spec.class_alpha) else [f"{T} {p}"]
+                args.append("int64_t ignore_index")
+            if second is None:
+                args += [f"{S} *loss", f"{S} *grad"]
+            elif spec.kind == "elementwise":
+                args += [f"{S} *hess"]
+            else:
+                args += [f"const {S} *v", f"{S} *out"]
+            args += ["int *flags", "cudaStream_t stream"]
+            name = spec.name + (f"_{second}" if second else "")
+            out[sd] = f"int derive_{name}_{sd}_cuda({', '.join(args)})"
+    return out
+
+
+def _cuda_dtypes():
+    from derive.codegen.printers import CUDA_CONFIGS as _CUDA_CONFIGS
+
+    return [{"dtype": dt, "ctype": cfg.ctype, "suffix": cfg.suffix, "max_name": cfg.max_name,
+             "exp_zero": cfg.exp_zero, "expm1mx_terms": 16 if dt == "f64" else 10,
+             "storage": [{"dtype": sd, "ctype": st} for sd, st in cfg.storage]}
+            for dt, cfg in _CUDA_CONFIGS.items()]
+
+
 def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR, file=None, module=None) -> dict:
     """Render every output of one derivation file's kernels; returns {file name: text}.
     ``file``: the file already loaded (from ``derivations``); ``module``: the name of the
@@ -209,8 +271,9 @@ def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR,
     derivations = Path(derivations) if derivations is not None else _k.STABLE_FORMS
     file, preps = _k.load_kernels(derivations, file=file)
     module = module or module_name(file)
-    template_paths = [templates / t for t in TEMPLATES.values()]
+    template_paths = [templates / t for s, t in TEMPLATES.items() if s not in CUDA_SUFFIXES]
     digest = _digest([derivations, *template_paths])
+    cuda_digest = _digest([derivations, *(templates / t for t in TEMPLATES.values())])
     models = [_kernel_model(p, file) for p in preps]
     dtypes = [
         {"dtype": dt, "ctype": cfg.ctype, "suffix": cfg.suffix, "max_name": cfg.max_name,
@@ -229,10 +292,11 @@ def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR,
     out = {}
     for suffix, tmpl in TEMPLATES.items():
         name = module + suffix
+        dig = cuda_digest if suffix in CUDA_SUFFIXES else digest
         header = (f"generated by derive from {_relpath(derivations)} and templates/{tmpl} "
-                  f"(SymPy {sympy.__version__}, source digest {digest}), do not edit")
+                  f"(SymPy {sympy.__version__}, source digest {dig}), do not edit")
         text = env.get_template(tmpl).render(
-            header=header, kernels=models, dtypes=dtypes, source_digest=digest,
+            header=header, kernels=models, dtypes=dtypes, source_digest=dig, cuda_dtypes=_cuda_dtypes(),
             derivations_path=_relpath(derivations), f32_promoted=NUMPY_F32_PROMOTED, module=module,
         )
         out[name] = text
