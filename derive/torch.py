@@ -60,8 +60,8 @@ def _logits(inputs, name="input"):
     """(x in float32/float64, the dtype to return): float16/bfloat16 computed in float32."""
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(inputs).__name__}")
-    if inputs.device.type not in ("cpu", "meta"):
-        raise ValueError(f"{name} is on {inputs.device}: the derive kernels run on CPU tensors")
+    if inputs.device.type not in ("cpu", "meta", "cuda"):  # cuda: derive.runtime.cuda_ops
+        raise ValueError(f"{name} is on {inputs.device}: the derive kernels run on CPU and CUDA tensors")
     if inputs.dtype in (torch.float32, torch.float64):
         return inputs, inputs.dtype
     if inputs.dtype in _HALF:

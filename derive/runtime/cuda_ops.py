@@ -115,7 +115,7 @@ def _elementwise(ko, x, t, params, second):
 
 def _rows(ko, x, target, alpha_vec, params, ignore_index, second, v=None):
     op = ko.qualname
-    sd = _check(x, [("target" if ko.layout == "class_index" else "q", target), ("alpha_vec", alpha_vec), ("v", v)], op)
+    sd = _check(x, [("target" if ko.layout == "class_index" else "q", target), ("v", v)], op)
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be (M, K) rows, got shape {tuple(x.shape)}")
     x = x.contiguous()
@@ -139,7 +139,7 @@ def _rows(ko, x, target, alpha_vec, params, ignore_index, second, v=None):
             if tuple(alpha_vec.shape) != (k,):
                 raise ValueError(f"{op}: the per-class weights must have shape ({k},), one per class, "
                                  f"got {tuple(alpha_vec.shape)}")
-            alpha_vec = alpha_vec.to(scalar_dtype).contiguous()
+            alpha_vec = alpha_vec.to(device=x.device, dtype=scalar_dtype).contiguous()  # k values: a small copy
         tail = [ignore_index]
     c_params = []
     for p, value in zip(ko.params, params):
