@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     if args.quick:
         kw.update(sigmoid_n=20000, softmax_shape=(256, 80), repeats=3, memory=False)
     bench_kernels.main(out_path=args.json, **kw)
+    from derive.measure import gpu_check  # the CUDA rows: run on a GPU, skipped (one line) without one
+
+    gpu_check.bench_rows(quick=args.quick)
     if args.kernels_only:
         return 0
     print()

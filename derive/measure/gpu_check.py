@@ -449,6 +449,23 @@ def format_bench(res) -> str:
     return "\n".join(lines)
 
 
+def bench_rows(quick=False):
+    """``make bench``'s CUDA rows: the benchmark above where torch sees a GPU, else one line saying they are
+    skipped.  Returns the results (None when skipped)."""
+    try:
+        torch = _torch()
+        available = torch.cuda.is_available()
+    except ImportError:
+        available = False
+    if not available:
+        print("\nCUDA kernels: skipped (no CUDA device visible to torch; on a GPU: python -m derive.measure.gpu_check)")
+        return None
+    res = bench(n=10 ** 6 if quick else 10 ** 8, rows=((4096, 80),) if quick else ((131072, 80), (1048576, 80)))
+    print("\n== CUDA kernels, forward + backward ==")
+    print(format_bench(res))
+    return res
+
+
 # ------------------------------------------------------------------------------------------
 
 
