@@ -4,10 +4,10 @@ The kernels are the ``[[kernel]]`` tables of derivation files: by default every 
 (:func:`derive.codegen.kernels.shipped_files`: ``stable_forms.toml`` written to
 ``generated/focal_kernels.*``, ``poly1.toml`` to ``generated/poly1.*``, ...), or the
 files named on the command line (``derive codegen my_loss.toml --out DIR`` writes
-``DIR/<module>.py``, ``.c`` and ``.h``, ``<module>`` being the file's ``[file] module`` or
+``DIR/<module>.py``, ``.c`` and ``.h``, and the CUDA ``.cu`` and ``.cuh``, ``<module>`` being the file's ``[file] module`` or
 its stem).  Their expressions (loaded and resolved by :mod:`derive.language.loader`) are reduced
 by one common-subexpression elimination per kernel and
-printed by SymPy's C99 and NumPy printers (:mod:`derive.codegen.printers`).  The templates
+printed by SymPy's C99 and NumPy printers and the CUDA printer (:mod:`derive.codegen.printers`).  The templates
 only supply the loops, the helpers (sigmoid, softplus, xexpm1inv, error-free transforms)
 and the row reduction of the softmax kernels.
 
@@ -29,7 +29,7 @@ GENERATED_DIR = generated_dir()
 #: checkout, ``make codegen`` runs from its root, so that is the committed ``generated/``).
 DEFAULT_OUT = Path("generated")
 
-#: generated file suffix -> template (the files are <module>.h, <module>.c, <module>.py)
+#: generated file suffix -> template (the files are <module>.h, .c, .py, and the CUDA .cuh, .cu)
 TEMPLATES = {
     ".h": "kernels.h.j2",
     ".c": "kernels.c.j2",
@@ -352,10 +352,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="derive codegen",
         description="Render the kernel templates into a folder: for each derivation file with [[kernel]] tables "
-                    "(default: every shipped one), the NumPy module, the C source and its header.")
+                    "(default: every shipped one), the NumPy module, the C source and its header, the CUDA "
+                    "source and its header.")
     parser.add_argument("files", nargs="*", type=Path, metavar="FILE",
                         help="derivation files whose [[kernel]] tables to generate (default: every shipped "
-                             "file of derive/derivations/ with [[kernel]] tables); each gives <module>.py, .c and .h")
+                             "file of derive/derivations/ with [[kernel]] tables); each gives <module>.py, .c, .h, .cu and .cuh")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="output folder (default: ./generated in the current folder)")
     parser.add_argument("--check", action="store_true",
