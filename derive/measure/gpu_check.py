@@ -405,8 +405,9 @@ def bench(n=10 ** 8, rows=((131072, 80), (1048576, 80)), iters=10):
         f"{tv_name}, torch.compile": torch.compile(lambda xx, tt: tv(xx, tt, alpha=0.25, gamma=2.0, reduction="sum")),
     }
     floor_bytes = n * (4 + 4 + 4)  # read x and t, write dx (float32)
+    autograd_bytes = n * (8 + 12)  # through autograd: the forward reads x and t, the backward again, and writes dx
     results["cases"].append(_bench_case(f"sigmoid focal (alpha 0.25, gamma 2), {n:.0e} float32 logits", impls,
-                                        step_fn, (x, t), floor_bytes, measured, iters))
+                                        step_fn, (x, t), floor_bytes, measured, iters, autograd_bytes))
     del x, t
     torch.cuda.empty_cache()
     for m, k in rows:
@@ -415,13 +416,14 @@ def bench(n=10 ** 8, rows=((131072, 80), (1048576, 80)), iters=10):
         kf = kernel_ops(by_name["softmax_focal"])
         kc = kernel_ops(by_name["softmax_ce"])
         floor_bytes = m * k * 4 * 2 + m * 8  # read x, write dx, read the targets
+        autograd_bytes = m * k * 4 * 3 + m * 16  # through autograd: x and the targets read twice, dx written
         impls = {
             "derive softmax_focal (CUDA op)": lambda xx, tt: kf.apply(xx, tt, None, 0.25, 2.0, -100)[0].sum(),
             "torch softmax focal formula, eager": softmax_focal_torch,
             "torch softmax focal formula, torch.compile": torch.compile(softmax_focal_torch),
         }
         results["cases"].append(_bench_case(f"softmax focal (alpha 0.25, gamma 2), ({m}, {k}) float32", impls,
-                                            step_fn, (x, tgt), floor_bytes, measured, iters))
+                                            step_fn, (x, tgt), floor_bytes, measured, iters, autograd_bytes))
         impls = {
             "derive softmax_ce (CUDA op)": lambda xx, tt: kc.apply(xx, tt, -100)[0].sum(),
             "torch cross_entropy, eager": lambda xx, tt: torch.nn.functional.cross_entropy(xx, tt, reduction="sum"),
@@ -429,13 +431,13 @@ def bench(n=10 ** 8, rows=((131072, 80), (1048576, 80)), iters=10):
                 lambda xx, tt: torch.nn.functional.cross_entropy(xx, tt, reduction="sum")),
         }
         results["cases"].append(_bench_case(f"softmax cross-entropy, ({m}, {k}) float32", impls,
-                                            step_fn, (x, tgt), floor_bytes, measured, iters))
+                                            step_fn, (x, tgt), floor_bytes, measured, iters, autograd_bytes))
         del x, tgt
         torch.cuda.empty_cache()
     return results
 
 
-def _bench_case(name, impls, step_fn, args, floor_bytes, peak, iters):
+def _bench_case(name, impls, step_fn, args, floor_bytes, peak, iters, autograd_bytes=None):
     times = {}
     for label, fn in impls.items():
         try:
@@ -447,6 +449,7 @@ def _bench_case(name, impls, step_fn, args, floor_bytes, peak, iters):
     derive_ms = next((v for k, v in times.items() if k.startswith("derive")), None)
     compiled = next((v for k, v in times.items() if "torch.compile" in k), None)
     return {"case": name, "ms": times, "floor_ms": floor_ms, "floor_bytes": floor_bytes,
+            "autograd_floor_ms": autograd_bytes / peak * 1e3 if autograd_bytes else None,
             "derive_over_floor": derive_ms / floor_ms if derive_ms else None,
             "compile_over_derive": compiled / derive_ms if (derive_ms and compiled) else None}
 
@@ -457,7 +460,9 @@ def format_bench(res) -> str:
              + (f"{res['spec_bytes_per_s'] / 1e12:.2f} TB/s" if res["spec_bytes_per_s"] else "not reported") + ")"]
     for c in res["cases"]:
         lines.append(f"\n{c['case']}: forward + backward; HBM floor {c['floor_ms']:.3f} ms "
-                     f"({c['floor_bytes'] / 1e9:.2f} GB at the measured copy bandwidth)")
+                     f"({c['floor_bytes'] / 1e9:.2f} GB at the measured copy bandwidth: x and targets in, dx out)"
+                     + (f"; through autograd (forward and backward each read x and the targets) "
+                        f"{c['autograd_floor_ms']:.3f} ms" if c.get("autograd_floor_ms") else ""))
         for label, ms in c["ms"].items():
             lines.append(f"  {label:<62} " + ("failed" if ms is None else f"{ms:9.3f} ms  {ms / c['floor_ms']:6.2f}x floor"))
         r1, r2 = c["derive_over_floor"], c["compile_over_derive"]
