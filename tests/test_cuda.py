@@ -201,3 +201,174 @@ def test_gpu_check_plumbing_on_the_cpu():
     checks = gpu_check.check_autograd(names=["softmax_focal"], device="cpu", compile=False)  # compile: test_torch
     assert [c[1] for c in checks] == ["opcheck", "gradcheck", "gradgradcheck"]
     assert all(c[2] for c in checks), checks
+
+
+# ------------------------------------------------------------------------------------------
+# the generated .cu run on the CPU under a host emulation (tests/cuda_emul/derive_cuda_emul.h): the
+# kernels' logic (lanes, warp reductions, indexing, flags) against the C kernels, where no GPU is
+
+EMUL = Path(__file__).resolve().parent / "cuda_emul"
+_LAUNCH = r"(\w+<[^<>;]*>)<<<([^,]+), ([^,]+), 0, stream>>>\(([^;]*)\);"
+
+
+def _emulation_source(module) -> str:
+    """generated/<module>.cu as host C++: each launch a call of derive_emul_launch, 2 blocks per "SM" (one SM),
+    and without the float16/bfloat16 launchers (the emulation holds those types as float)."""
+    import re
+
+    src = (GENERATED / f"{module}.cu").read_text()
+    src, launches = re.subn(_LAUNCH, lambda m: f"derive_emul_launch({m.group(2)}, {m.group(3)}, "
+                                               f"[&] {{ {m.group(1)}({m.group(4)}); }});", src)
+    assert launches > 0 and "<<<" not in src
+    src = src.replace("#define DERIVE_BLOCKS_PER_SM 32", "#define DERIVE_BLOCKS_PER_SM 2")
+    src, dropped = re.subn(r'\n/\*[^\n]*\n[^\n]*\*/\nextern "C" int derive_\w+_(?:f16|bf16)_cuda\(.*?\n}\n', "\n",
+                           src, flags=re.S)
+    assert dropped > 0 and "_f16_cuda(" not in src and "_bf16_cuda(" not in src
+    return src
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """module -> the ctypes library of its .cu compiled for the host emulation (g++ -std=c++20 -O0)."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the host emulation of the CUDA kernels")
+    root = tmp_path_factory.mktemp("cuda_emul")
+    for h in ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
+        (root / h).write_text('#include "derive_cuda_emul.h"\n')
+    libs = {}
+
+    def get(module):
+        if module not in libs:
+            src = root / f"{module}.cu.cpp"
+            src.write_text(_emulation_source(module))
+            out = root / f"lib{module}_emul.so"
+            import subprocess
+
+            res = subprocess.run([cxx, "-std=c++20", "-O0", "-ffp-contract=off", "-Wall", "-Werror", "-fPIC", "-shared",
+                                  "-I", str(root), "-I", str(EMUL), "-I", str(GENERATED), str(src), "-o", str(out),
+                                  "-lpthread"], capture_output=True, text=True, timeout=600)
+            if res.returncode != 0 and "barrier" in res.stderr and "No such file" in res.stderr:
+                pytest.skip("the host C++ compiler has no C++20 <barrier>")
+            assert res.returncode == 0, res.stderr[-3000:]
+            libs[module] = ctypes.CDLL(str(out))
+        return libs[module]
+
+    return get
+
+
+def _emul_call(lib, c, spec, info, sfx, second, x, t, ty, v=None):
+    """(C outputs, emulated CUDA outputs, C return code, emulated flags) of one call."""
+    import numpy as np
+
+    dt = np.float32 if sfx == "f32" else np.float64
+    ct = ctypes.c_float if sfx == "f32" else ctypes.c_double
+    P = ctypes.c_void_p
+    rows = spec.layout != "elementwise"
+    keep, scal, types = [], [], []
+    for p, val in zip(spec.params, ty):
+        if info["class_alpha"] and p == "alpha":
+            vec = np.ascontiguousarray(val, dt) if np.ndim(val) else None
+            keep.append(vec)
+            scal += [None if vec is None else vec.ctypes.data, 1.0 if vec is not None else float(val)]
+            types += [P, ct]
+        else:
+            scal.append(float(val))
+            types.append(ct)
+    head = [x.shape[0], x.shape[1]] if rows else [x.size]
+    tail = [-100] if info["kind"] == "rowwise" else []
+    if not second:
+        outs = [np.zeros(x.shape[0] if rows else x.size, dt), np.zeros(x.shape, dt)]
+    else:
+        outs = [np.zeros(x.shape, dt)] if not rows else [v, np.zeros(x.shape, dt)]
+    outs_e = [o.copy() for o in outs]
+    name = f"derive_{spec.name}" + (f"_{info['second']}" if second else "")
+    fc, fe = c[f"{name}_{sfx}"], lib[f"{name}_{sfx}_cuda"]
+    argtypes = [ctypes.c_size_t] * len(head) + [P, P] + types + [ctypes.c_int64] * len(tail) + [P] * len(outs)
+    fc.argtypes, fe.argtypes = argtypes, argtypes + [P, P]
+    fc.restype = fe.restype = ctypes.c_int
+    flags = np.zeros(2, np.int32)
+    rc = fc(*head, x.ctypes.data, t.ctypes.data, *scal, *tail, *[o.ctypes.data for o in outs])
+    re_ = fe(*head, x.ctypes.data, t.ctypes.data, *scal, *tail, *[o.ctypes.data for o in outs_e], flags.ctypes.data, None)
+    assert re_ == 0, (spec.name, sfx, second, re_)
+    n_in = 1 if (second and rows) else 0  # v is an input of the HVP, not an output
+    return outs[n_in:], outs_e[n_in:], rc, flags
+
+
+@pytest.mark.parametrize("module", ["focal_kernels", "asl", "label_smoothing", "poly1"])
+def test_emulated_cuda_kernels_equal_the_c_kernels(module, emulated):
+    """Every kernel and its second derivative, float32 and float64, over the accuracy harness's quick points
+    and parameter grid and its "beyond" cases: the CUDA code (host-emulated) against the C library.
+    Elementwise values agree within twice the accuracy bound (both are within it of the exact value; the C
+    build may call glibc's vector math); a row's values, whose sums the warp adds in another order, within
+    twice the bound of the row's largest magnitude; non-finite values and the label flag are the same."""
+    import numpy as np
+
+    from derive.codegen import kernels as K
+    from derive.measure import accuracy as A
+    from derive.runtime import cbuild
+
+    lib, c = emulated(module), cbuild.load(GENERATED, module)
+    table = cbuild.load_numpy_module(GENERATED, module).KERNELS
+    checked = 0
+    for spec in [s for s in K.shipped_kernels() if s.module == module]:
+        info = table[spec.name]
+        for dt, sfx in ((np.float32, "f32"), (np.float64, "f64")):
+            bound = 2 * A.BOUNDS[np.dtype(dt).name]
+            for params in A.param_grid(spec, True):
+                if spec.layout == "elementwise":
+                    cases = [A.elementwise_points(spec, dt, A.QUICK), A.beyond_points(spec, dt)]
+                    cases = [(x, t, A._typed_params(params, dt)) for x, t in cases]
+                else:
+                    cases = []
+                    for k in (2, 80):
+                        x, t, xb, tb = A.softmax_cases(spec, k, dt, 6)
+                        ty = A._typed_params(params, dt, k, spec)
+                        cases += [(x, t, ty), (xb, tb, ty)]
+                for x, t, ty in cases:
+                    x = np.ascontiguousarray(x)
+                    t = np.ascontiguousarray(t, np.int64 if np.asarray(t).dtype.kind in "iu" else dt)
+                    v = np.random.default_rng(1).standard_normal(x.shape).astype(dt)
+                    for second in (False, True) if info.get("second") else (False,):
+                        outs, outs_e, rc, flags = _emul_call(lib, c, spec, info, sfx, second, x, t, ty, v)
+                        assert rc in (0, 2) and (rc == 2) == bool(flags[0]) and not flags[1], (spec.name, rc, flags)
+                        for a, b in zip(outs_e, outs):
+                            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+                            fin = np.isfinite(b64)
+                            where = f"{spec.name} {sfx} params {params} second {second}"
+                            assert np.array_equal(np.isnan(a64), np.isnan(b64)) and np.array_equal(a64[~fin], b64[~fin]), where
+                            if spec.layout == "elementwise" or a.ndim == 1:
+                                scale = np.abs(b64)
+                            else:
+                                row = np.max(np.where(fin, np.abs(b64), 0), axis=1, keepdims=True)
+                                scale = np.broadcast_to(row, b64.shape)
+                            d = np.abs(a64 - b64)[fin] / np.maximum(scale[fin], np.finfo(dt).tiny)
+                            assert not d.size or d.max() <= bound, f"{where}: {d.max():.3g} > {bound:.0e}"
+                        checked += 1
+    assert checked > 0
+
+
+def test_emulated_cuda_kernels_flag_bad_labels_and_classes(emulated):
+    """A label neither 0 nor 1 sets flags[0] (the C kernel returns DERIVE_ELABEL, and both count it as 1); a class
+    index out of range sets flags[1] and zeroes that row (the C kernel returns DERIVE_EINVAL)."""
+    import numpy as np
+
+    from derive.codegen import kernels as K
+    from derive.runtime import cbuild
+
+    lib, c = emulated("focal_kernels"), cbuild.load(GENERATED, "focal_kernels")
+    table = cbuild.load_numpy_module(GENERATED, "focal_kernels").KERNELS
+    specs = {s.name: s for s in K.shipped_kernels()}
+    x = np.linspace(-5, 5, 300)
+    t = (np.arange(300) % 2).astype(np.float64)
+    t[123] = 0.5
+    outs, outs_e, rc, flags = _emul_call(lib, c, specs["sigmoid_focal"], table["sigmoid_focal"], "f64", False, x, t,
+                                         (2.0,))
+    assert rc == 2 and flags.tolist() == [1, 0]
+    assert all(np.allclose(a, b, rtol=8e-15, atol=0) for a, b in zip(outs, outs_e))  # the label counted as 1 by both
+    xr = np.random.default_rng(0).standard_normal((5, 7))
+    tr = np.array([0, 6, 9, -100, 3], dtype=np.int64)
+    outs, outs_e, rc, flags = _emul_call(lib, c, specs["softmax_ce"], table["softmax_ce"], "f64", False, xr, tr, ())
+    assert rc == 1 and flags.tolist() == [0, 1]
+    loss, grad = outs_e
+    assert loss[2] == 0 and not grad[2].any() and loss[3] == 0 and not grad[3].any() and loss[0] > 0 and grad[4].any()
