@@ -372,3 +372,69 @@ def test_emulated_cuda_kernels_flag_bad_labels_and_classes(emulated):
     assert rc == 1 and flags.tolist() == [0, 1]
     loss, grad = outs_e
     assert loss[2] == 0 and not grad[2].any() and loss[3] == 0 and not grad[3].any() and loss[0] > 0 and grad[4].any()
+
+
+def test_cuda_ops_glue_on_the_emulated_kernels(emulated, monkeypatch):
+    """derive.runtime.cuda_ops (argument order, per-class alpha, the HVP's v, the soft-target fallback, the
+    flags and their errors) driving the host-emulated launchers with CPU tensors' pointers: its results are
+    the CPU op's, and its errors are the CPU op's errors."""
+    torch = pytest.importorskip("torch")
+    import types
+
+    import derive.torch as dtorch
+    from derive.runtime import cuda_ops
+
+    def load(folder, module):
+        lib = emulated(module)
+        lib.derive_cuda_last_error = getattr(lib, f"derive_{module}_cuda_last_error")
+        lib.derive_cuda_error_string = getattr(lib, f"derive_{module}_cuda_error_string")
+        return lib
+
+    monkeypatch.setattr(cuda_ops.cudabuild, "load", load)
+    monkeypatch.setattr(cuda_ops, "_FUNCS", {})
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float64, torch.float32):
+        r = 8e-15 if dtype == torch.float64 else 4e-6  # twice the accuracy bound, relative to the largest value
+
+        def close(got, want, r=r):
+            torch.testing.assert_close(got, want, rtol=r, atol=r * float(want.abs().max()))
+
+        x = torch.randn(5000, generator=g, dtype=dtype) * 4
+        labels = (torch.rand(5000, generator=g) > 0.5).to(dtype)
+        soft = torch.rand(5000, generator=g, dtype=dtype)
+        ko = dtorch.shipped("focal_kernels").ops("sigmoid_focal_alpha")
+        for t in (labels, soft):  # soft targets: the binary kernel flags them, the soft kernel runs
+            for got, want in zip(cuda_ops._elementwise(ko, x, t, (0.25, 2.0), False), ko.op(x, t, 0.25, 2.0)):
+                close(got, want)
+            close(cuda_ops._elementwise(ko, x, t, (0.25, 2.0), True), ko.op2(x, t, 0.25, 2.0))
+        bad = labels.clone()
+        bad[7] = 2.0
+        with pytest.raises(ValueError) as cpu_err:
+            ko.op(x, bad, 0.25, 2.0)
+        with pytest.raises(ValueError) as cuda_err:
+            cuda_ops._elementwise(ko, x, bad, (0.25, 2.0), False)
+        assert str(cuda_err.value) == str(cpu_err.value)
+        xr = torch.randn(6, 9, generator=g, dtype=dtype) * 3
+        tr = torch.tensor([0, 8, -100, 3, 3, 1])
+        v = torch.randn(6, 9, generator=g, dtype=dtype)
+        ko = dtorch.shipped("focal_kernels").ops("softmax_focal")
+        for alpha_vec in (None, torch.linspace(0.1, 0.9, 9, dtype=torch.float64)):
+            args = (xr, tr, alpha_vec, 0.25, 2.0, -100)
+            for got, want in zip(cuda_ops._rows(ko, xr, tr, alpha_vec, (0.25, 2.0), -100, False), ko.op(*args)):
+                close(got, want)
+            close(cuda_ops._rows(ko, xr, tr, alpha_vec, (0.25, 2.0), -100, True, v),
+                                       ko.op2(*args, v))
+        with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 9\) or ignore_index=-100, found 12"):
+            cuda_ops._rows(ko, xr, torch.tensor([0, 12, 1, 1, 1, 1]), None, (0.25, 2.0), -100, False)
+        with pytest.raises(ValueError, match="the CUDA kernel softmax_focal rejected its arguments"):
+            cuda_ops._rows(ko, xr, tr, None, (0.25, -2.0), -100, False)  # gamma < 0: the launcher's own check
+        ko = dtorch.shipped("label_smoothing").ops("label_smoothed_ce")
+        q = torch.softmax(torch.randn(6, 9, generator=g, dtype=dtype), dim=1)
+        for got, want in zip(cuda_ops._rows(ko, xr, q, None, (0.1,), None, False), ko.op(xr, q, 0.1)):
+            close(got, want)
+        close(cuda_ops._rows(ko, xr, q, None, (0.1,), None, True, v), ko.op2(xr, q, 0.1, v))
+        q_bad = q.clone()
+        q_bad[2, 3] = 1.5
+        with pytest.raises(ValueError, match=r"q must hold class probabilities in \[0, 1\], found 1.5"):
+            cuda_ops._rows(ko, xr, q_bad, None, (0.1,), None, False)
