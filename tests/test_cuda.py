@@ -211,9 +211,9 @@ EMUL = Path(__file__).resolve().parent / "cuda_emul"
 _LAUNCH = r"(\w+<[^<>;]*>)<<<([^,]+), ([^,]+), 0, stream>>>\(([^;]*)\);"
 
 
-def _emulation_source(module) -> str:
+def _emulation_source(module, half=False) -> str:
     """generated/<module>.cu as host C++: each launch a call of derive_emul_launch, 2 blocks per "SM" (one SM),
-    and without the float16/bfloat16 launchers (the emulation holds those types as float)."""
+    and (unless ``half``) without the float16/bfloat16 launchers, which only the half test needs."""
     import re
 
     src = (GENERATED / f"{module}.cu").read_text()
@@ -221,6 +221,8 @@ def _emulation_source(module) -> str:
                                                f"[&] {{ {m.group(1)}({m.group(4)}); }});", src)
     assert launches > 0 and "<<<" not in src
     src = src.replace("#define DERIVE_BLOCKS_PER_SM 32", "#define DERIVE_BLOCKS_PER_SM 2")
+    if half:
+        return src
     src, dropped = re.subn(r'\n/\*[^\n]*\n[^\n]*\*/\nextern "C" int derive_\w+_(?:f16|bf16)_cuda\(.*?\n}\n', "\n",
                            src, flags=re.S)
     assert dropped > 0 and "_f16_cuda(" not in src and "_bf16_cuda(" not in src
@@ -238,11 +240,11 @@ def emulated(tmp_path_factory):
         (root / h).write_text('#include "derive_cuda_emul.h"\n')
     libs = {}
 
-    def get(module):
-        if module not in libs:
-            src = root / f"{module}.cu.cpp"
-            src.write_text(_emulation_source(module))
-            out = root / f"lib{module}_emul.so"
+    def get(module, half=False):
+        if (module, half) not in libs:
+            src = root / f"{module}{'_half' if half else ''}.cu.cpp"
+            src.write_text(_emulation_source(module, half))
+            out = root / f"lib{module}{'_half' if half else ''}_emul.so"
             import subprocess
 
             res = subprocess.run([cxx, "-std=c++20", "-O0", "-ffp-contract=off", "-Wall", "-Werror", "-fPIC", "-shared",
@@ -251,8 +253,8 @@ def emulated(tmp_path_factory):
             if res.returncode != 0 and "barrier" in res.stderr and "No such file" in res.stderr:
                 pytest.skip("the host C++ compiler has no C++20 <barrier>")
             assert res.returncode == 0, res.stderr[-3000:]
-            libs[module] = ctypes.CDLL(str(out))
-        return libs[module]
+            libs[(module, half)] = ctypes.CDLL(str(out))
+        return libs[(module, half)]
 
     return get
 
@@ -438,3 +440,65 @@ def test_cuda_ops_glue_on_the_emulated_kernels(emulated, monkeypatch):
         q_bad[2, 3] = 1.5
         with pytest.raises(ValueError, match=r"q must hold class probabilities in \[0, 1\], found 1.5"):
             cuda_ops._rows(ko, xr, q_bad, None, (0.1,), None, False)
+
+
+def _bf16_bits(a):
+    """float32 values rounded to bfloat16 (nearest even), as uint16 bit patterns."""
+    import numpy as np
+
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _bf16_float(bits):
+    import numpy as np
+
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize("module", ["asl", "poly1"])
+def test_emulated_half_launchers_round_the_float32_kernel_once(module, emulated):
+    """The float16 and bfloat16 launchers (loaded into float32, computed there, stored rounded to nearest) give
+    exactly the float32 launcher's values on the same inputs, rounded once to that type."""
+    import numpy as np
+
+    from derive.codegen import kernels as K
+    from derive.measure import accuracy as A
+    from derive.runtime import cbuild
+
+    lib = emulated(module, half=True)
+    info_t = cbuild.load_numpy_module(GENERATED, module).KERNELS
+    P = ctypes.c_void_p
+    for spec in [s for s in K.shipped_kernels() if s.module == module]:
+        info = info_t[spec.name]
+        params = [float(v) for v in A.param_grid(spec, True)[0]]
+        rng = np.random.default_rng(0)
+        if spec.layout == "elementwise":
+            x32 = rng.uniform(-20, 20, 999).astype(np.float32)
+            t32 = rng.uniform(0, 1, 999).astype(np.float32) if spec.target == "soft" else (rng.random(999) > 0.5).astype(np.float32)
+            head, shape, lshape = [999], (999,), (999,)
+        else:
+            x32 = rng.uniform(-20, 20, (37, 80)).astype(np.float32)
+            t32 = rng.integers(0, 80, 37).astype(np.int64)
+            head, shape, lshape = [37, 80], (37, 80), (37,)
+        tail = [-100] if info["kind"] == "rowwise" else []
+        for sd, to_h, from_h in (("f16", lambda a: np.asarray(a, np.float32).astype(np.float16),
+                                  lambda h: h.astype(np.float32)),
+                                 ("bf16", _bf16_bits, _bf16_float)):
+            xh = to_h(x32)
+            xf = np.ascontiguousarray(from_h(xh))  # the inputs as that type holds them
+            th = t32 if t32.dtype == np.int64 else to_h(t32)
+            tf = t32 if t32.dtype == np.int64 else np.ascontiguousarray(from_h(th))
+            outs = {}
+            for which, xx, tt in (("f32", xf, tf), (sd, xh, th)):
+                dt = np.float32 if which == "f32" else xh.dtype
+                loss, grad, flags = np.zeros(lshape, dt), np.zeros(shape, dt), np.zeros(2, np.int32)
+                fn = lib[f"derive_{spec.name}_{which}_cuda"]
+                fn.restype = ctypes.c_int
+                fn.argtypes = ([ctypes.c_size_t] * len(head) + [P, P] + [ctypes.c_float] * len(params)
+                               + [ctypes.c_int64] * len(tail) + [P, P, P, P])
+                assert fn(*head, xx.ctypes.data, tt.ctypes.data, *params, *tail, loss.ctypes.data, grad.ctypes.data,
+                          flags.ctypes.data, None) == 0 and not flags.any(), (spec.name, which)
+                outs[which] = (loss, grad)
+            for ref, got in zip(outs["f32"], outs[sd]):
+                assert np.array_equal(to_h(ref).view(np.uint16), np.asarray(got).view(np.uint16)), (spec.name, sd)

@@ -38,13 +38,29 @@ inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr, int) { *v = 1;
 inline cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 inline const char *cudaGetErrorString(cudaError_t) { return "emulated"; }
 
-/* storage types: held as float here (the emulation checks f32 and f64 only) */
-struct __half { float f; };
-struct __nv_bfloat16 { float f; };
-inline float __half2float(__half h) { return h.f; }
-inline float __bfloat162float(__nv_bfloat16 h) { return h.f; }
-inline __half __float2half_rn(float f) { return __half{f}; }
-inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16{f}; }
+/* the 16-bit storage types, as the GPU holds them: IEEE binary16 (the host's _Float16, converted to nearest
+ * even) and bfloat16 (the top half of a float32, rounded to nearest even, NaN kept quiet) */
+struct __half { _Float16 h; };
+struct __nv_bfloat16 { uint16_t bits; };
+inline float __half2float(__half h) { return (float)h.h; }
+inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }
+inline float __bfloat162float(__nv_bfloat16 h)
+{
+    const uint32_t u = (uint32_t)h.bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f)
+{
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return __nv_bfloat16{(uint16_t)((u >> 16) | 0x40u)};
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return __nv_bfloat16{(uint16_t)(u >> 16)};
+}
 
 struct DeriveEmulWarp {
     std::barrier<> bar{32};
