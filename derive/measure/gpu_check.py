@@ -507,14 +507,22 @@ def main(argv=None) -> int:
         return 2
     from derive.runtime import cudabuild
 
+    try:
+        nvcc = cudabuild.nvcc_version(tuple(cudabuild.find_nvcc())).splitlines()[-1]
+    except cudabuild.CudaBuildError as exc:
+        nvcc = f"not usable ({exc})"
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), {torch.cuda.get_device_name()}, "
-          f"capability {torch.cuda.get_device_capability()}; nvcc: {cudabuild.nvcc_version(tuple(cudabuild.find_nvcc())).splitlines()[-1]}")
+          f"capability {torch.cuda.get_device_capability()}; nvcc: {nvcc}")
     t0 = time.perf_counter()
     import derive.torch  # noqa: F401  (registers the ops)
     for m in sorted({s.module for s in _specs()}):
         t1 = time.perf_counter()
-        cudabuild.load(module=m)
-        print(f"built/loaded the CUDA library of {m} in {time.perf_counter() - t1:.1f} s")
+        try:
+            cudabuild.load(module=m)
+        except cudabuild.CudaBuildError as exc:
+            print(f"derive gpu_check: the CUDA library of {m} cannot be built or loaded: {exc}", file=sys.stderr)
+            return 2
+        print(f"built/loaded the CUDA library of {m} in {time.perf_counter() - t1:.1f} s", flush=True)
     report, failed = {}, []
     if not args.bench_only:
         from derive.measure import accuracy as A
