@@ -501,6 +501,10 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", nargs="*", help="only these kernels (the checks)")
     parser.add_argument("--json", type=Path, default=Path("out/gpu-check.json"))
     args = parser.parse_args(argv)
+    try:  # each line as it comes: a run cut short by a time limit keeps what it printed
+        sys.stdout.reconfigure(line_buffering=True)
+    except (AttributeError, ValueError):
+        pass
     torch = _torch()
     if not torch.cuda.is_available():
         print(f"derive gpu_check: torch {torch.__version__} sees no CUDA device: nothing to check", file=sys.stderr)
