@@ -65,8 +65,8 @@ def _logits(inputs, name="input"):
     """(x in float32/float64, the dtype to return): float16/bfloat16 computed in float32."""
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(inputs).__name__}")
-    if not (inputs.is_cpu or inputs.is_meta):
-        raise ValueError(f"{name} is on {inputs.device}: the derive kernels run on CPU tensors")
+    if inputs.device.type not in ("cpu", "meta", "cuda"):  # cuda: derive.runtime.cuda_ops
+        raise ValueError(f"{name} is on {inputs.device}: the derive kernels run on CPU and CUDA tensors")
     if inputs.dtype in (torch.float32, torch.float64):
         return inputs, inputs.dtype
     if inputs.dtype in _HALF:
@@ -221,7 +221,8 @@ def _elementwise(ops, inputs, targets, values, reduction):
     t = _targets(targets)
     if t.shape != x.shape:
         raise ValueError(f"target has shape {tuple(t.shape)}, but input has shape {tuple(x.shape)}")
-    if reduction != "none" and ops.red is not None:  # summed in the kernel's pass, gradient pre-scaled
+    # summed in the kernel's pass, gradient pre-scaled (CPU; the CUDA kernels have no reduced entry: loss + grad)
+    if reduction != "none" and ops.red is not None and x.device.type != "cuda":
         loss = ops.reduced(x, t, *values, _MODE[reduction])
     else:
         loss = _reduce(ops.apply(x, t, *values)[0], reduction)
@@ -240,7 +241,8 @@ def _class_index(ops, inputs, targets, alpha_vec, values, ignore_index, reductio
                          f"for {ops.info['title']}: no kernel declares them; give class indices of shape {lead}")
     flat = _class_targets(t, x, lead)
     args = (rows, flat) + ((alpha_vec,) if ops.class_alpha else ()) + tuple(values) + (ignore_index,)
-    if reduction != "none" and ops.red is not None:  # summed in the kernel's pass, gradient pre-scaled
+    # summed in the kernel's pass, gradient pre-scaled (CPU; the CUDA kernels have no reduced entry: loss + grad)
+    if reduction != "none" and ops.red is not None and x.device.type != "cuda":
         # "mean": over the rows not ignored, or (``weights``: cross_entropy's per-class weights, the
         # kernel's alpha_vec) over their alpha_t, torch's weighted mean (mode 2)
         mode = 0 if reduction == "sum" else (1 if weights is None else 2)

@@ -47,7 +47,7 @@ def test_generated_is_byte_identical_to_a_fresh_rendering(rendered):
     for name, text in rendered.items():
         committed = (GENERATED / name).read_bytes()
         assert committed == text.encode("utf-8"), f"generated/{name} is stale: run `make codegen`"
-    stray = {p.name for p in GENERATED.iterdir() if p.suffix in (".c", ".h", ".py")} - set(rendered)
+    stray = {p.name for p in GENERATED.iterdir() if p.suffix in (".c", ".h", ".py", ".cu", ".cuh")} - set(rendered)
     assert not stray, f"generated/ holds files no shipped derivation file renders: {sorted(stray)}"
 
 
@@ -128,7 +128,7 @@ def test_check_mode_reports_stale_output(tmp_path):
 
     assert main(["--out", str(tmp_path)]) == 0
     assert {p.name for p in tmp_path.iterdir()} == {p.name for p in GENERATED.iterdir()
-                                                     if p.suffix in (".c", ".h", ".py")}
+                                                     if p.suffix in (".c", ".h", ".py", ".cu", ".cuh")}
     assert main(["--out", str(tmp_path), "--check"]) == 0
     (tmp_path / "poly1.c").write_text("/* edited */\n")
     assert main(["--out", str(tmp_path), "--check"]) == 1

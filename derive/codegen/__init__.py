@@ -4,10 +4,10 @@ The kernels are the ``[[kernel]]`` tables of derivation files: by default every 
 (:func:`derive.codegen.kernels.shipped_files`: ``stable_forms.toml`` written to
 ``generated/focal_kernels.*``, ``poly1.toml`` to ``generated/poly1.*``, ...), or the
 files named on the command line (``derive codegen my_loss.toml --out DIR`` writes
-``DIR/<module>.py``, ``.c`` and ``.h``, ``<module>`` being the file's ``[file] module`` or
+``DIR/<module>.py``, ``.c`` and ``.h``, and the CUDA ``.cu`` and ``.cuh``, ``<module>`` being the file's ``[file] module`` or
 its stem).  Their expressions (loaded and resolved by :mod:`derive.language.loader`) are reduced
 by one common-subexpression elimination per kernel and
-printed by SymPy's C99 and NumPy printers (:mod:`derive.codegen.printers`).  The templates
+printed by SymPy's C99 and NumPy printers and the CUDA printer (:mod:`derive.codegen.printers`).  The templates
 only supply the loops, the helpers (sigmoid, softplus, xexpm1inv, error-free transforms)
 and the row reduction of the softmax kernels.
 
@@ -29,12 +29,18 @@ GENERATED_DIR = generated_dir()
 #: checkout, ``make codegen`` runs from its root, so that is the committed ``generated/``).
 DEFAULT_OUT = Path("generated")
 
-#: generated file suffix -> template (the files are <module>.h, <module>.c, <module>.py)
+#: generated file suffix -> template (the files are <module>.h, .c, .py, and the CUDA .cuh, .cu)
 TEMPLATES = {
     ".h": "kernels.h.j2",
     ".c": "kernels.c.j2",
     ".py": "kernels.py.j2",
+    ".cuh": "kernels.cuh.j2",
+    ".cu": "kernels.cu.j2",
 }
+#: the CUDA outputs: their digest covers every template (they share the C kernels' expressions and
+#: the NumPy module's KERNELS table); the C and NumPy outputs' digest covers the other templates only,
+#: so adding the CUDA backend left their bytes as they were
+CUDA_SUFFIXES = (".cuh", ".cu")
 #: the shipped file's module (its [file] module key)
 SHIPPED_MODULE = "focal_kernels"
 #: generated file -> template, for the shipped kernels
@@ -156,6 +162,8 @@ def _kernel_model(prep, file):
             args.append("int64_t ignore_index")
         args += [f"{T} *loss", f"{T} *grad"]
         model["c_proto"][dt] = f"int {fname}({', '.join(args)})"
+    model["cuda"] = {dt: _print_cuda(prep, dt) for dt in ("f32", "f64")}
+    model["cuda_proto"] = _cuda_protos(spec, None)
     model["uses_t"] = any(sym.name == "ti" for e in prep.exprs.values() for sym in e.free_symbols) or any(
         sym.name == "ti" for e in prep.extra_exprs.values() for sym in e.free_symbols)
     # gamma appears as an exponent: the C driver passes integer gammas as constants (pow(v, 2) -> v*v)
@@ -177,6 +185,8 @@ def _second_model(spec, file):
     model = {"name": f"{spec.name}_{suffix}", "suffix": suffix, "code": {"numpy": _k.print_numpy(prep)},
              "c_proto": {}, "exports": ", ".join(prep.export_names.values()), "export": spec.second,
              "rewrites": _k.rewrites_text(prep)}
+    model["cuda"] = {dt: _print_cuda(prep, dt) for dt in ("f32", "f64")}
+    model["cuda_proto"] = _cuda_protos(spec, suffix)
     for dt, cfg in _k.C_CONFIGS.items():
         model["code"][dt] = _k.print_c(prep, dt)
         T = cfg.ctype
@@ -199,6 +209,58 @@ def _second_model(spec, file):
     return model
 
 
+def _print_cuda(prep, dtype):
+    """One kernel's CUDA device code for one compute type: the C kernels' CSE, the CUDA printer."""
+    from derive.codegen import kernels as _k
+    from derive.codegen.printers import cuda_printer, with_sigmoid_pow
+
+    temps, reduced = _k._cse({k: with_sigmoid_pow(v) for k, v in prep.exprs.items()})
+    pr = cuda_printer(dtype, _k._ranks(temps))
+    return _k.Printed([(str(s), pr.doprint(e)) for s, e in temps], {k: pr.doprint(v) for k, v in reduced.items()},
+                      {k: pr.doprint(v) for k, v in prep.extra_exprs.items()})
+
+
+def _cuda_protos(spec, second):
+    """{storage dtype: the extern "C" launcher's prototype} of a kernel (``second``: None, or the
+    second-derivative kernel's suffix, hess / hvp).  Tensors in the storage type S, scalars and a
+    per-class alpha in the compute type T, ``flags`` two device ints the kernel sets to 1 (flags[0]: a
+    label or target outside its set, flags[1]: a class index or its alpha invalid), then the stream."""
+    from derive.codegen.printers import CUDA_CONFIGS as _CUDA_CONFIGS
+
+    out = {}
+    for cfg in _CUDA_CONFIGS.values():
+        T = cfg.ctype
+        for sd, S in cfg.storage:
+            if spec.kind == "elementwise":
+                args = ["size_t n", f"const {S} *x", f"const {S} *t"] + [f"{T} {p}" for p in spec.params]
+            elif spec.kind == "rowprobs":
+                args = ["size_t n", "size_t k", f"const {S} *x", f"const {S} *q"] + [f"{T} {p}" for p in spec.params]
+            else:
+                args = ["size_t n", "size_t k", f"const {S} *x", "const int64_t *target"]
+                for p in spec.params:
+                    args += [f"const {T} *alpha_vec", f"{T} alpha"] if (p == "alpha" and spec.class_alpha) else [f"{T} {p}"]
+                args.append("int64_t ignore_index")
+            if second is None:
+                args += [f"{S} *loss", f"{S} *grad"]
+            elif spec.kind == "elementwise":
+                args += [f"{S} *hess"]
+            else:
+                args += [f"const {S} *v", f"{S} *out"]
+            args += ["int *flags", "cudaStream_t stream"]
+            name = spec.name + (f"_{second}" if second else "")
+            out[sd] = f"int derive_{name}_{sd}_cuda({', '.join(args)})"
+    return out
+
+
+def _cuda_dtypes():
+    from derive.codegen.printers import CUDA_CONFIGS as _CUDA_CONFIGS
+
+    return [{"dtype": dt, "ctype": cfg.ctype, "suffix": cfg.suffix, "max_name": cfg.max_name,
+             "exp_zero": cfg.exp_zero, "expm1mx_terms": 16 if dt == "f64" else 10,
+             "storage": [{"dtype": sd, "ctype": st} for sd, st in cfg.storage]}
+            for dt, cfg in _CUDA_CONFIGS.items()]
+
+
 def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR, file=None, module=None) -> dict:
     """Render every output of one derivation file's kernels; returns {file name: text}.
     ``file``: the file already loaded (from ``derivations``); ``module``: the name of the
@@ -211,13 +273,14 @@ def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR,
     derivations = Path(derivations) if derivations is not None else _k.STABLE_FORMS
     file, preps = _k.load_kernels(derivations, file=file)
     module = module or module_name(file)
-    template_paths = [templates / t for t in TEMPLATES.values()]
+    template_paths = [templates / t for s, t in TEMPLATES.items() if s not in CUDA_SUFFIXES]
     rules = []  # a kernel with rewrite = [...] depends on derive.rewrite's rules too
     if any(getattr(p.spec, "rewrite", ()) for p in preps):
         from derive.rewrite import PHASES_FILE, RULES_FILE
 
         rules = [RULES_FILE, PHASES_FILE]
     digest = _digest([derivations, *template_paths, *rules])
+    cuda_digest = _digest([derivations, *(templates / t for t in TEMPLATES.values()), *rules])
     models = [_kernel_model(p, file) for p in preps]
     dtypes = [
         {"dtype": dt, "ctype": cfg.ctype, "suffix": cfg.suffix, "max_name": cfg.max_name,
@@ -236,10 +299,11 @@ def render_all(derivations: Path | None = None, templates: Path = TEMPLATES_DIR,
     out = {}
     for suffix, tmpl in TEMPLATES.items():
         name = module + suffix
+        dig = cuda_digest if suffix in CUDA_SUFFIXES else digest
         header = (f"generated by derive from {_relpath(derivations)} and templates/{tmpl} "
-                  f"(SymPy {sympy.__version__}, source digest {digest}), do not edit")
+                  f"(SymPy {sympy.__version__}, source digest {dig}), do not edit")
         text = env.get_template(tmpl).render(
-            header=header, kernels=models, dtypes=dtypes, source_digest=digest,
+            header=header, kernels=models, dtypes=dtypes, source_digest=dig, cuda_dtypes=_cuda_dtypes(),
             derivations_path=_relpath(derivations), f32_promoted=NUMPY_F32_PROMOTED, module=module,
         )
         out[name] = text
@@ -295,10 +359,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="derive codegen",
         description="Render the kernel templates into a folder: for each derivation file with [[kernel]] tables "
-                    "(default: every shipped one), the NumPy module, the C source and its header.")
+                    "(default: every shipped one), the NumPy module, the C source and its header, the CUDA "
+                    "source and its header.")
     parser.add_argument("files", nargs="*", type=Path, metavar="FILE",
                         help="derivation files whose [[kernel]] tables to generate (default: every shipped "
-                             "file of derive/derivations/ with [[kernel]] tables); each gives <module>.py, .c and .h")
+                             "file of derive/derivations/ with [[kernel]] tables); each gives <module>.py, .c, .h, .cu and .cuh")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="output folder (default: ./generated in the current folder)")
     parser.add_argument("--check", action="store_true",

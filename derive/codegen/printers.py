@@ -188,6 +188,55 @@ def _fold(args, pair, prn):
     return text
 
 
+@dataclass(frozen=True)
+class CudaConfig:
+    """How one compute type is spelt in CUDA C++ (templates/kernels.cu.j2), and the storage types
+    (what the tensors hold) that are computed in it: float16 and bfloat16 are loaded into float32,
+    computed there and rounded once when stored."""
+
+    dtype: str  # the compute type: "f32" / "f64"
+    ctype: str  # "float" / "double"
+    suffix: str  # helpers' and libdevice functions' suffix: "f" / ""
+    max_name: str  # FLT_MAX / DBL_MAX
+    exp_zero: str  # as CConfig.exp_zero
+    storage: tuple  # ((storage dtype, its CUDA type), ...), the launchers' suffixes
+
+
+CUDA_CONFIGS = {
+    "f32": CudaConfig("f32", "float", "f", "FLT_MAX", "128",
+                      (("f32", "float"), ("f16", "__half"), ("bf16", "__nv_bfloat16"))),
+    "f64": CudaConfig("f64", "double", "", "DBL_MAX", "1024", (("f64", "double"),)),
+}
+
+
+class KernelCudaPrinter(KernelCPrinter):
+    """CUDA device code for one compute type: the C99 printer's output (libdevice has the same
+    expf, log1pf, expm1f, ... as libm, literals keep their F suffix in float32), except that a
+    power with a symbolic exponent (gamma) prints as the template's ``derive_pow``, which takes
+    b*b, b and 1 for exponents 2, 1 and 0 exactly as the C build's constant-folded pow does (the
+    CUDA kernels pass integer gammas as template constants; libdevice's pow is not folded), and a
+    square as b*b (GCC folds pow(b, 2) so)."""
+
+    def __init__(self, config: CudaConfig):
+        super().__init__(C_CONFIGS[config.dtype])
+        self.cuda_config = config
+
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.as_base_exp()
+        if not exp.is_Number:
+            return "derive_pow%s(%s, %s)" % (self.config.suffix, self._print(base), self._print(exp))
+        if exp == 2:  # what GCC folds pow(b, 2) to (exact: one rounding); libdevice's pow is not folded
+            b = self.parenthesize(base, 1000)
+            return "(%s*%s)" % (b, b)
+        return super()._print_Pow(expr)
+
+
+def cuda_printer(dtype: str, ranks=None) -> KernelCudaPrinter:
+    p = KernelCudaPrinter(CUDA_CONFIGS[dtype])
+    p.ranks = dict(ranks or {})
+    return p
+
+
 class KernelNumPyPrinter(_SafeMulMixin, NumPyPrinter):
     """NumPy expressions (module alias ``numpy``); helpers are module-level functions.
 
@@ -286,4 +335,5 @@ def numpy_printer(ranks=None, shared=None, negations=None) -> KernelNumPyPrinter
     return p
 
 
-__all__ = ["magnitude_rank", "sigmoid_pow", "with_sigmoid_pow", "abs_key", "CConfig", "C_CONFIGS", "KernelCPrinter", "KernelNumPyPrinter", "c_printer", "numpy_printer", "sp"]
+__all__ = ["magnitude_rank", "sigmoid_pow", "with_sigmoid_pow", "abs_key", "CConfig", "C_CONFIGS", "KernelCPrinter", "KernelNumPyPrinter", "c_printer", "numpy_printer", "CudaConfig", "CUDA_CONFIGS",
+           "KernelCudaPrinter", "cuda_printer", "sp"]

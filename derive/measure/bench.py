@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     if args.torch_only:
         kw.update(torch_only=True, dtypes=("float32",))
     bench_kernels.main(out_path=args.json, **kw)
+    from derive.measure import gpu_check  # the CUDA rows: run on a GPU, skipped (one line) without one
+
+    gpu_check.bench_rows(quick=args.quick)
     if args.kernels_only or args.torch_only:
         return 0
     print()

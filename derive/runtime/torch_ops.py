@@ -615,6 +615,9 @@ class KernelOps:
             self.op2.register_fake(second_fake)
             self.op2.register_autograd(self._second_backward, setup_context=self._second_setup)
         self.op.register_autograd(self._backward, setup_context=self._setup)
+        from derive.runtime import cuda_ops  # CUDA tensors: the generated .cu kernels (built on first use)
+
+        cuda_ops.register(self)
 
         class Fused(torch.autograd.Function):
             """The eager path: the op's implementation and autograd without the dispatcher's cost."""
