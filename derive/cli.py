@@ -45,6 +45,26 @@ def _positive_float(text):
     return value
 
 
+def _jobs(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of worker processes") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least one worker process")
+    return value
+
+
+def _megabytes(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB") from None
+    if value < 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: a worker needs at least 64 MiB")
+    return value
+
+
 def _strategies(text):
     from derive.prover.engine import STRATEGIES
 
@@ -73,6 +93,7 @@ def build_parser():
 
 def build_verify_parser():
     from derive.prover.engine import STRATEGIES
+    from derive.prover.verify import DEFAULT_STEP_SECONDS
 
     v = _Parser(prog="derive verify",
                 description="Check every step of derivation files: proved, or refuted with a counterexample. "
@@ -85,9 +106,20 @@ def build_verify_parser():
     v.add_argument("--allow-numeric", action="store_true",
                    help="accept steps that are only numerically confirmed (exit 0)")
     v.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
-                   help="time limit for the whole run; steps not reached are unproved")
-    v.add_argument("--step-timeout", type=_positive_float, default=4.0, metavar="SECONDS",
-                   help="time limit for each proof strategy (default 4; 'inf': no limit)")
+                   help="wall-clock time limit for the whole run; steps not reached are unproved")
+    v.add_argument("--step-timeout", type=_positive_float, default=DEFAULT_STEP_SECONDS, metavar="SECONDS",
+                   help=f"CPU-time limit for each proof strategy (default {DEFAULT_STEP_SECONDS:g}; 'inf': no limit); "
+                        "CPU time, so that a busy machine gives the same verdicts")
+    v.add_argument("-j", "--jobs", type=_jobs, default=None, metavar="N",
+                   help="worker processes to spread the checks over (default: the usable cores; 1: this process)")
+    v.add_argument("--no-cache", action="store_true",
+                   help="do not use the proof cache (also: DERIVE_NO_CACHE=1)")
+    v.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="folder of the proof cache (default: $DERIVE_CACHE_DIR/proofs, $XDG_CACHE_HOME/derive/proofs "
+                        "or ~/.cache/derive/proofs)")
+    v.add_argument("--memory-limit", type=_megabytes, default=None, metavar="MIB",
+                   help="memory cap of each worker process in MiB (default: a share of the machine's memory, "
+                        "at most 4096; also DERIVE_WORKER_MEMORY_MB)")
     v.add_argument("--seed", type=int, default=None, help="seed of the random sample points")
     v.add_argument("--strategies", type=_strategies, default=None, metavar="LIST",
                    help="comma-separated proof strategies to try, of: " + ", ".join(STRATEGIES))
@@ -150,9 +182,11 @@ def _verify(args) -> int:
     if not (args.json or args.quiet) and sys.stderr.isatty():
         progress = _Progress(sys.stderr)
     try:
+        cache = False if args.no_cache else args.cache_dir  # None: the default folder, unless DERIVE_NO_CACHE
         report = verify_paths(sources, seed=DEFAULT_SEED if args.seed is None else args.seed,
                               step_timeout=args.step_timeout, timeout=args.timeout,
-                              allow_numeric=args.allow_numeric, strategies=args.strategies, progress=progress)
+                              allow_numeric=args.allow_numeric, strategies=args.strategies, progress=progress,
+                              jobs=args.jobs, cache=cache, memory_mb=args.memory_limit)
     finally:
         if progress is not None:
             progress.clear()

@@ -23,11 +23,11 @@ For a step ``lhs = rhs`` the engine
 """
 from __future__ import annotations
 
+import _signal
 import contextlib
 import itertools
 import math
 import random
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,8 +47,12 @@ DPS = 40
 
 
 class StrategyTimeout(BaseException):
-    """Raised by the alarm.  A BaseException, so that SymPy's ``except Exception`` cannot
+    """Raised by the timer.  A BaseException, so that SymPy's ``except Exception`` cannot
     swallow it and let a runaway strategy go on."""
+
+
+class WallClockTimeout(StrategyTimeout):
+    """Raised by the wall-clock backstop (or the run's --timeout), not by the CPU-time limit."""
 
 
 _ALARM_ACTIVE = [False]
@@ -57,6 +61,28 @@ _ALARM_ACTIVE = [False]
 MAX_TIMER = 1e6
 #: the smallest timer armed; a smaller positive limit is rounded up to it (it still expires)
 MIN_TIMER = 1e-3
+#: the wall-clock backstop of a CPU-time limit of L seconds: WALL_FACTOR * L + WALL_SLACK seconds.
+#: Far above L, so that only a block stuck off the CPU (or a machine many times oversubscribed)
+#: meets it: on a busy machine a block gets less CPU per wall-clock second, not more work to do.
+WALL_FACTOR = 10.0
+WALL_SLACK = 30.0
+
+
+class Budget(float):
+    """A CPU-time limit in seconds that also carries the run's wall-clock deadline (a
+    time.monotonic() value, or None): the block's wall-clock backstop never runs past it."""
+
+    deadline = None
+
+    def __new__(cls, seconds, deadline=None):
+        obj = super().__new__(cls, seconds)
+        obj.deadline = deadline
+        return obj
+
+
+def wall_backstop(seconds: float) -> float:
+    """The wall-clock backstop of a CPU-time limit (see WALL_FACTOR)."""
+    return WALL_FACTOR * seconds + WALL_SLACK
 
 
 def _foreign_callback(frame) -> bool:
@@ -67,17 +93,54 @@ def _foreign_callback(frame) -> bool:
     return third_party and "/sympy/" not in name and "/mpmath/" not in name
 
 
+#: handlers a block could not put back (a MemoryError in its ``finally``), put back by the next block
+_PENDING_RESTORE: list = []
+
+
+def _disarm(old_prof, old_alrm):
+    """Stop both timers, then put the previous handlers back (with the C-level calls: the
+    ``signal`` module's wrappers build enums, which allocates).  Called with the handlers already
+    inert.  A block stopped at the memory cap ends with its frames still holding the memory while
+    the MemoryError unwinds: should a call fail then, the inert handlers stay installed and the
+    next block puts the previous ones back (_settle), once the memory is free again."""
+    try:
+        _signal.setitimer(_signal.ITIMER_PROF, 0)
+        _signal.setitimer(_signal.ITIMER_REAL, 0)
+        _signal.signal(_signal.SIGPROF, old_prof)
+        _signal.signal(_signal.SIGALRM, old_alrm)
+    except MemoryError:
+        _PENDING_RESTORE[:] = [(old_prof, old_alrm)]
+
+
+def _settle():
+    """Finish the disarm of a block that ended in a MemoryError (see _disarm)."""
+    if _PENDING_RESTORE:
+        old_prof, old_alrm = _PENDING_RESTORE.pop()
+        _signal.setitimer(_signal.ITIMER_PROF, 0)
+        _signal.setitimer(_signal.ITIMER_REAL, 0)
+        _signal.signal(_signal.SIGPROF, old_prof)
+        _signal.signal(_signal.SIGALRM, old_alrm)
+
+
 @contextlib.contextmanager
 def time_limit(seconds: float | None):
-    """Raise StrategyTimeout in this block after ``seconds``.
+    """Raise StrategyTimeout in this block once it has used ``seconds`` of CPU time.
+
+    The limit is process CPU time (ITIMER_PROF: user and system time of this process), not
+    wall-clock time, so that a busy machine, which gives the block fewer CPU seconds per
+    wall-clock second, does not change where it stops: the verdicts do not depend on the load.
+    A wall-clock backstop (wall_backstop(seconds), SIGALRM) stops a block that makes no progress
+    on the CPU; a Budget's deadline (``derive verify --timeout``) bounds the backstop too, and
+    then raises WallClockTimeout.
 
     ``None``, inf, NaN and limits beyond MAX_TIMER mean no limit; a limit already spent
     raises at once.  Only the main thread can take signals; elsewhere the block runs
-    unbounded.  Nested blocks run under the outer alarm.  The alarm repeats every 0.2 s
+    unbounded.  Nested blocks run under the outer timers.  The timers repeat every 0.2 s
     until the block is left, in case library code catches even BaseException once.
 
-    The timer is armed inside the ``try`` and always disarmed in the ``finally``, which an
-    alarm arriving while it runs cannot cut short: no timer outlives the block."""
+    The timers are armed inside the ``try`` and always disarmed in the ``finally``, which a
+    signal arriving while it runs cannot cut short: no timer outlives the block."""
+    deadline = getattr(seconds, "deadline", None)
     if seconds is not None:
         try:
             seconds = float(seconds)
@@ -86,33 +149,45 @@ def time_limit(seconds: float | None):
     if seconds is not None and (math.isnan(seconds) or seconds > MAX_TIMER):
         seconds = None
     if seconds is not None and seconds <= 0:
-        raise StrategyTimeout()
+        raise WallClockTimeout() if deadline is not None and time.monotonic() >= deadline else StrategyTimeout()
     if seconds is None or _ALARM_ACTIVE[0] or threading.current_thread() is not threading.main_thread():
         yield
         return
+    wall = wall_backstop(seconds)
+    if deadline is not None:
+        wall = min(wall, deadline - time.monotonic())
+        if wall <= 0:
+            raise WallClockTimeout()
     active = [True]
 
-    def handler(signum, frame):
-        # an alarm that lands in another library's gc or weakref callback (torch, jax, hypothesis)
+    def on_cpu(signum, frame):
+        # a signal that lands in another library's gc or weakref callback (torch, jax, hypothesis)
         # would be swallowed there as an unraisable exception: let the repeating timer fire again
         if active[0] and not _foreign_callback(frame):
             raise StrategyTimeout()
 
-    old = signal.signal(signal.SIGALRM, handler)
+    def on_wall(signum, frame):
+        if active[0] and not _foreign_callback(frame):
+            raise WallClockTimeout()
+
+    _settle()
+    old_prof = _signal.signal(_signal.SIGPROF, on_cpu)
+    try:
+        old_alrm = _signal.signal(_signal.SIGALRM, on_wall)
+    except BaseException:
+        _signal.signal(_signal.SIGPROF, old_prof)
+        raise
     _ALARM_ACTIVE[0] = True
     try:
-        signal.setitimer(signal.ITIMER_REAL, max(seconds, MIN_TIMER), 0.2)
+        _signal.setitimer(_signal.ITIMER_PROF, max(seconds, MIN_TIMER), 0.2)
+        _signal.setitimer(_signal.ITIMER_REAL, max(wall, MIN_TIMER), 0.2)
         yield
     finally:
-        while True:
-            try:
-                active[0] = False
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, old)
-                _ALARM_ACTIVE[0] = False
-                break
-            except StrategyTimeout:  # the alarm fired before active[0] = False: disarm again
-                continue
+        # first make the handlers inert (no allocation: a block may end at the memory cap), so that
+        # neither a late signal nor a failed disarm can leave later blocks without limits
+        active[0] = False
+        _ALARM_ACTIVE[0] = False
+        _disarm(old_prof, old_alrm)
 
 
 @dataclass
@@ -123,6 +198,7 @@ class Verdict:
     seconds: float = 0.0
     detail: str = ""
     tried: list = field(default_factory=list)
+    strategy: str = ""  # the key (in STRATEGIES) of the strategy that proved the step, when one did
 
     def to_json(self):
         return {
@@ -676,6 +752,7 @@ STRATEGIES = {
     "expanded": "definitions expanded + exp(x)->t>0 + case split + power/log expansion",
     "simplify": "definitions expanded + case split + simplify",
 }
+_STRATEGY_KEY = {name: key for key, name in STRATEGIES.items()}
 
 
 class TooManyCases(Exception):
@@ -1407,18 +1484,23 @@ class Prover:
         return [(STRATEGIES[k], fns[k]) for k in order if self.strategies is None or k in self.strategies]
 
     def _limit(self, floor: float = 0.0):
+        """The CPU-time budget of one block (see time_limit), with the run's deadline."""
         lim = max(self.step_timeout, floor)
         if self.deadline is not None:
             lim = min(lim, self.deadline - time.monotonic())
-        return lim
+        return Budget(lim, self.deadline)
 
-    def check(self, lhs, rhs) -> Verdict:
+    def check(self, lhs, rhs, only=None, confirm=True) -> Verdict:
         """Decide lhs == rhs on the context's domains.  Never raises for a step: whatever
         the step runs into (memory, recursion, overflow, a library failure) becomes an
-        unproved verdict that says so."""
+        unproved verdict that says so.
+
+        ``only``: the keys of STRATEGIES to try (the proof cache's replay of the one strategy
+        that proved the step before; [] tries none); ``confirm=False``: no numeric confirmation
+        when no strategy proves it (the verdict is then unproved, "not searched")."""
         t0 = time.monotonic()
         try:
-            return self._check(lhs, rhs, t0)
+            return self._check(lhs, rhs, t0, only, confirm)
         except StrategyTimeout:
             return Verdict(UNPROVED, "time limit", seconds=time.monotonic() - t0,
                            detail="the step ran past the time limit")
@@ -1426,7 +1508,7 @@ class Prover:
             method, detail = _fail_reason(exc)
             return Verdict(UNPROVED, method, seconds=time.monotonic() - t0, detail=detail)
 
-    def _check(self, lhs, rhs, t0) -> Verdict:
+    def _check(self, lhs, rhs, t0, only=None, confirm=True) -> Verdict:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return Verdict(UNPROVED, "time limit", seconds=0.0, detail="the run's --timeout was reached")
         if self._sums is not None:
@@ -1463,9 +1545,13 @@ class Prover:
         if scan is not None and scan.cex is not None:
             return _refuted(scan, t0)
         # 2. symbolic strategies
-        name, tried = self._prove(L, R, Lf, Rf)
+        name, tried = self._prove(L, R, Lf, Rf, only)
         if name is not None:
-            return Verdict(PROVED, name, seconds=time.monotonic() - t0, tried=tried)
+            return Verdict(PROVED, name, seconds=time.monotonic() - t0, tried=tried,
+                           strategy=_STRATEGY_KEY.get(name, ""))
+        if not confirm:
+            return Verdict(UNPROVED, "not searched", seconds=time.monotonic() - t0, tried=tried,
+                           detail="only " + (", ".join(only) if only else "the counterexample search") + " ran")
         # 3. numeric confirmation (weaker evidence)
         return self._confirm(Lf, Rf, t0, tried, thresholds or [])
 
@@ -1484,9 +1570,11 @@ class Prover:
             return None, ["not a finite expression"]
         return self._prove(L, R, Lf, Rf)
 
-    def _prove(self, L, R, Lf, Rf):
+    def _prove(self, L, R, Lf, Rf, only=None):
         tried = []
         for name, fn in self._strategies(L - R, Lf - Rf):
+            if only is not None and _STRATEGY_KEY.get(name) not in only:
+                continue
             lim = self._limit()
             if lim <= 0:
                 tried.append(f"{name}: time limit")

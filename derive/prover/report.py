@@ -48,6 +48,10 @@ def _check_lines(c, verbose):
     detail = f"     {_MARK[v.status]:<9} {v.seconds:6.2f} s  {s(v.method)}"
     if c.erratum:
         detail += f"  [{s(c.erratum)}]"
+    if c.limit:  # the verdict came from a limit: more time or memory might have decided otherwise
+        detail += f"  [limit: {c.limit}]"
+    if verbose and c.cache == "replayed":
+        detail += "  (proof cache: the cached strategy proved it again)"
     out.append(detail)
     if v.counterexample:
         out.append(f"     counterexample {_cex(v.counterexample)}")
@@ -87,7 +91,8 @@ def render_text(report: Report, verbose: bool = False, quiet: bool = False) -> s
         return "\n".join(out) + "\n"
     if not quiet:
         out.append(f"derive verify: seed {report.seed} for sample points"
-                   + ("; numeric confirmation accepted (--allow-numeric)" if report.allow_numeric else ""))
+                   + ("; numeric confirmation accepted (--allow-numeric)" if report.allow_numeric else "")
+                   + (f"; {report.jobs} worker processes" if report.jobs > 1 else ""))
     by_file: dict = {}
     for c in report.checks:
         by_file.setdefault(c.file_no, []).append(c)
@@ -123,10 +128,23 @@ def render_text(report: Report, verbose: bool = False, quiet: bool = False) -> s
         f"{counts.get(REFUTED, 0)} refuted ({sum(1 for c in report.checks if c.status == ERRATUM)} "
         f"explained by {len(report.errata)} {'erratum' if len(report.errata) == 1 else 'errata'}), "
         f"{counts.get(UNPROVED, 0)} unproved; "
-        f"{report.seconds:.2f} s")
+        + _limits_text(report)
+        + f"{report.seconds:.2f} s")
     failed = report.failed
     out.append("result: OK" if not failed else f"result: FAILED ({len(failed)} problem(s) marked !! above)")
     return "\n".join(out) + "\n"
+
+
+def _limits_text(report) -> str:
+    """"3 verdicts from a limit (time 2, memory 1); " when any verdict came from one."""
+    limited = report.limited()
+    if not limited:
+        return ""
+    from collections import Counter
+
+    kinds = Counter(k for c in limited for k in c.limit.split(" and "))
+    return (f"{len(limited)} {'verdict' if len(limited) == 1 else 'verdicts'} from a limit ("
+            + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) + "); ")
 
 
 def render_json(report: Report) -> str:
@@ -157,5 +175,8 @@ def render_json(report: Report) -> str:
             for e in report.errata
         ],
         "summary": {k: v for k, v in report.counts().items()},
+        "limited": len(report.limited()),
+        "jobs": report.jobs,
+        "cache": report.cache,
     }
     return json.dumps(data, indent=2, sort_keys=False) + "\n"
