@@ -156,7 +156,7 @@ def test_a_new_loss_file_goes_through_verify_codegen_compile_and_both_backends(l
     out = tmp_path / "gen"
     assert codegen_main([str(loss_file), "--out", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["scaled_losses.c", "scaled_losses.h", "scaled_losses.py"]
+    assert names == ["scaled_losses.c", "scaled_losses.cu", "scaled_losses.cuh", "scaled_losses.h", "scaled_losses.py"]
     for p in out.iterdir():
         assert "do not edit" in p.read_text().splitlines()[0]
     c_text = (out / "scaled_losses.c").read_text()
@@ -348,7 +348,7 @@ def test_outputs_are_named_after_the_file_without_a_module_key(tmp_path):
     path = tmp_path / "my-loss.toml"
     path.write_text(SCALED.replace('module = "scaled_losses"\n', ""))
     assert codegen_main([str(path), "--out", str(tmp_path / "o")]) == 0
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["my_loss.c", "my_loss.h", "my_loss.py"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["my_loss.c", "my_loss.cu", "my_loss.cuh", "my_loss.h", "my_loss.py"]
     with pytest.raises(DerivationFileError, match=r"\[file\] module must be an identifier"):
         loads(SCALED.replace('module = "scaled_losses"', 'module = "../evil"'), "evil.toml")
 

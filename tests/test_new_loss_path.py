@@ -49,7 +49,7 @@ def test_verify_codegen_compile_accuracy_call(loss_file, tmp_path, monkeypatch):
     res = _run(["codegen", str(loss_file), "--out", str(out)], cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["poly1_sigmoid.c", "poly1_sigmoid.h", "poly1_sigmoid.py"]
+    assert names == ["poly1_sigmoid.c", "poly1_sigmoid.cu", "poly1_sigmoid.cuh", "poly1_sigmoid.h", "poly1_sigmoid.py"]
     for p in out.iterdir():
         assert "do not edit" in p.read_text().splitlines()[0] + p.read_text().splitlines()[1]
 

@@ -157,12 +157,15 @@ def torch_rows(dtype, threads):
 
     def step(fn, before=None):
         def run(x, t, gamma):
-            if before is not None:
-                before()
-            xr = x.detach().requires_grad_(True)
-            loss = fn(xr, t, gamma)
-            (loss if loss.ndim == 0 else loss.sum()).backward()
-            return loss.detach(), xr.grad
+            undo = before() if before is not None else None  # a setting for this call, put back after it
+            try:
+                xr = x.detach().requires_grad_(True)
+                loss = fn(xr, t, gamma)
+                (loss if loss.ndim == 0 else loss.sum()).backward()
+                return loss.detach(), xr.grad
+            finally:
+                if undo is not None:
+                    undo()
 
         return run
 
@@ -184,7 +187,8 @@ def torch_rows(dtype, threads):
     else:  # the drop-ins as a user calls them: the loss summed by the op, then backward
         def reuse(on):
             def set_reuse():
-                torch_ops.REUSE_GRAD = on
+                prev, torch_ops.REUSE_GRAD = torch_ops.REUSE_GRAD, on
+                return lambda: setattr(torch_ops, "REUSE_GRAD", prev)
             return set_reuse
 
         calls = {

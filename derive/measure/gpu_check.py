@@ -380,12 +380,11 @@ def softmax_focal_torch(x, target, alpha=0.25, gamma=2.0):
 def bench(n=10 ** 8, rows=((131072, 80), (1048576, 80)), iters=10):
     """Rows {case, impl, ms, floor_ms, ratios}: forward + backward of each case, the HBM floor of the same run."""
     torch = _torch()
-    from derive.codegen import kernels as K
+    import derive.torch as dtorch
 
     measured, spec_bw = peak_bandwidth()
     results = {"peak_copy_bytes_per_s": measured, "spec_bytes_per_s": spec_bw, "device": torch.cuda.get_device_name(),
                "cases": []}
-    by_name = {s.name: s for s in K.shipped_kernels()}
     tv, tv_name = torchvision_focal()
 
     def step_fn(loss_fn, x, *rest):
@@ -398,9 +397,9 @@ def bench(n=10 ** 8, rows=((131072, 80), (1048576, 80)), iters=10):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = (torch.randn(n, device="cuda", generator=g) * 4).requires_grad_()
     t = (torch.rand(n, device="cuda", generator=g) < 0.1).float()
-    ko = kernel_ops(by_name["sigmoid_focal_alpha"])
+    # the drop-ins (derive.torch), which name their kernels: the CUDA op of each, summed
     impls = {
-        "derive (CUDA op)": lambda xx, tt: ko.apply(xx, tt, 0.25, 2.0)[0].sum(),
+        "derive (CUDA op)": lambda xx, tt: dtorch.sigmoid_focal_loss(xx, tt, alpha=0.25, gamma=2.0, reduction="sum"),
         f"{tv_name}, eager": lambda xx, tt: tv(xx, tt, alpha=0.25, gamma=2.0, reduction="sum"),
         f"{tv_name}, torch.compile": torch.compile(lambda xx, tt: tv(xx, tt, alpha=0.25, gamma=2.0, reduction="sum")),
     }
@@ -413,19 +412,18 @@ def bench(n=10 ** 8, rows=((131072, 80), (1048576, 80)), iters=10):
     for m, k in rows:
         x = (torch.randn(m, k, device="cuda", generator=g) * 4).requires_grad_()
         tgt = torch.randint(0, k, (m,), device="cuda", generator=g)
-        kf = kernel_ops(by_name["softmax_focal"])
-        kc = kernel_ops(by_name["softmax_ce"])
         floor_bytes = m * k * 4 * 2 + m * 8  # read x, write dx, read the targets
         autograd_bytes = m * k * 4 * 3 + m * 16  # through autograd: x and the targets read twice, dx written
         impls = {
-            "derive softmax_focal (CUDA op)": lambda xx, tt: kf.apply(xx, tt, None, 0.25, 2.0, -100)[0].sum(),
+            "derive softmax_focal (CUDA op)": lambda xx, tt: dtorch.softmax_focal_loss(xx, tt, alpha=0.25, gamma=2.0,
+                                                                                      reduction="sum"),
             "torch softmax focal formula, eager": softmax_focal_torch,
             "torch softmax focal formula, torch.compile": torch.compile(softmax_focal_torch),
         }
         results["cases"].append(_bench_case(f"softmax focal (alpha 0.25, gamma 2), ({m}, {k}) float32", impls,
                                             step_fn, (x, tgt), floor_bytes, measured, iters, autograd_bytes))
         impls = {
-            "derive softmax_ce (CUDA op)": lambda xx, tt: kc.apply(xx, tt, -100)[0].sum(),
+            "derive softmax_ce (CUDA op)": lambda xx, tt: dtorch.cross_entropy(xx, tt, reduction="sum"),
             "torch cross_entropy, eager": lambda xx, tt: torch.nn.functional.cross_entropy(xx, tt, reduction="sum"),
             "torch cross_entropy, torch.compile": torch.compile(
                 lambda xx, tt: torch.nn.functional.cross_entropy(xx, tt, reduction="sum")),
