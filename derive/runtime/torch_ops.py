@@ -130,6 +130,18 @@ def _elementwise_targets(t, x, op):
         raise TypeError(f"{op}: t must hold numeric targets, got dtype {t.dtype}")
     return t.to(x.dtype).contiguous()  # no copy when already of the logits' dtype and contiguous
 
+def _elementwise_inputs(x, t, op):
+    """``(x, t, dt)`` as the elementwise C kernels take them: checked logits, contiguous, the targets
+    in the logits' dtype and shape (one copy only where needed); ``dt`` the kernels' dtype suffix."""
+    dt = _DT.get(x.dtype)
+    if dt is None or not x.is_cpu:
+        _check_logits(x, op)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if t.dtype != x.dtype or t.shape != x.shape or not t.is_cpu or not t.is_contiguous():
+        t = _elementwise_targets(t, x, op)
+    return x, t, dt
+
 
 def _class_targets(target, m, op):
     if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
@@ -350,13 +362,7 @@ class KernelOps:
         """Run the kernel (or its soft version, for targets that are not all 0 or 1): (loss, grad),
         or the hess values when ``second``."""
         op = self.qualname
-        dt = _DT.get(x.dtype)
-        if dt is None or not x.is_cpu:
-            _check_logits(x, op)
-        if not x.is_contiguous():
-            x = x.contiguous()
-        if t.dtype != x.dtype or t.shape != x.shape or not t.is_cpu or not t.is_contiguous():
-            t = _elementwise_targets(t, x, op)
+        x, t, dt = _elementwise_inputs(x, t, op)
         shape, dtype = x.shape, x.dtype
         outs = [_empty(shape, dtype, x)] if second else [_empty(shape, dtype, x), _empty(shape, dtype, x)]
         n = x.numel()
@@ -462,13 +468,7 @@ class KernelOps:
         op = self.qualname
         if mode != 0 and mode != 1:
             self._check_mode(mode)
-        dt = _DT.get(x.dtype)
-        if dt is None or not x.is_cpu:
-            _check_logits(x, op)
-        if not x.is_contiguous():
-            x = x.contiguous()
-        if t.dtype != x.dtype or t.shape != x.shape or not t.is_cpu or not t.is_contiguous():
-            t = _elementwise_targets(t, x, op)
+        x, t, dt = _elementwise_inputs(x, t, op)
         n = x.numel()
         loss = _scalar_out(x.dtype)
         grad = None
