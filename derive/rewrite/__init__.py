@@ -27,6 +27,12 @@ PHASES_FILE = Path(__file__).resolve().parent / "phases.toml"
 
 #: the prover's time limit per step when the rules are verified before use (seconds)
 STEP_TIMEOUT = 30.0
+#: the guards a phases.toml entry may name: "singular_power" fires only where a matched power's exponent may
+#: be negative; "unbounded_sum" only where the matched sum has a term that grows with the logits
+GUARDS = (None, "singular_power", "unbounded_sum")
+#: the functions whose values grow without bound with the logits (the unbounded_sum guard)
+UNBOUNDED_FUNCS = (softplus, sp.log, xexpm1inv)
+
 #: fixpoint guard: at most this many passes of one phase over an expression
 MAX_PASSES = 40
 
@@ -47,7 +53,7 @@ class Rule:
     domains: dict  # Symbol -> Domain (the side conditions)
     sympy: bool = False  # SymPy performs it on construction: listed, not applied
     template: bool = False  # the templates apply it (the softmax row reduction): listed, not applied
-    guard: str | None = None  # "singular_power": only where a matched power's exponent may be negative
+    guard: str | None = None  # one of GUARDS: when a matched rule may fire (see phases.toml)
 
     @property
     def applied(self) -> bool:
@@ -87,7 +93,7 @@ def _read_phases(path=PHASES_FILE):
         for e in ph["rules"]:
             if (not isinstance(e, dict) or not isinstance(e.get("rule"), str) or isinstance(e.get("cost"), bool)
                     or not isinstance(e.get("cost"), int) or set(e) - {"rule", "cost", "sympy", "template", "guard"}
-                    or e.get("guard") not in (None, "singular_power")):
+                    or e.get("guard") not in GUARDS):
                 raise RewriteError(f"{path}: phase {ph['name']!r}: each rule is {{ rule = \"<id>\", cost = <int> }} "
                                    f"(optional sympy / template = true), got {e!r}")
             entries.append(e)
@@ -168,10 +174,10 @@ def _range(e, domains):
         lo = -_INF if d.lo is None else d.lo
         hi = _INF if d.hi is None else d.hi
         return (lo, hi, d.lo_open or d.lo is None, d.hi_open or d.hi is None)
-    if isinstance(e, sigmoid):
-        return (sp.Integer(0), sp.Integer(1), True, True) if _range(e.args[0], domains) else None
+    if isinstance(e, sigmoid):  # of any real argument (the logits times labels are real, if of no known range)
+        return (sp.Integer(0), sp.Integer(1), True, True) if _real(e.args[0], domains) else None
     if isinstance(e, (sp.exp, softplus)):
-        return (sp.Integer(0), _INF, True, True) if _range(e.args[0], domains) else None
+        return (sp.Integer(0), _INF, True, True) if _real(e.args[0], domains) else None
     if isinstance(e, expm1):
         r = _range(e.args[0], domains)
         if r is None:
@@ -189,6 +195,11 @@ def _range(e, domains):
         return (sum((r[0] for r in rs), sp.Integer(0)), sum((r[1] for r in rs), sp.Integer(0)),
                 any(r[2] for r in rs), any(r[3] for r in rs))
     return None
+
+
+def _real(e, domains) -> bool:
+    """Whether e is known real: a known range, or SymPy's assumptions (every symbol real)."""
+    return _range(e, domains) is not None or e.is_real is True
 
 
 def _within(e, dom: Domain, domains) -> bool:
@@ -222,7 +233,9 @@ def _match(node, pattern, wilds):
         # and the same shape: a wild exponent matching 1 must not make a Mul pattern match a bare factor
         return (m is not None and all(w in m for w in wilds.values()) and pattern.xreplace(m) == part
                 and (pattern.func is part.func or isinstance(pattern, sp.Wild))
-                and (not pattern.is_Add and not pattern.is_Mul or len(pattern.args) == len(part.args)))
+                and (not pattern.is_Add and not pattern.is_Mul or len(pattern.args) == len(part.args))
+                # and a sum in the pattern matches a sum: b*(v + w) must not match b*c with v = 0
+                and all(sub.xreplace(m).is_Add for sub in sp.preorder_traversal(pattern) if sub.is_Add))
 
     m = node.match(pattern)
     if ok(m, node):
@@ -248,29 +261,61 @@ def _singular(instance, domains) -> bool:
     return False
 
 
+def _unbounded_sum(instance) -> bool:
+    """Whether a sum in ``instance`` (the matched pattern) has a term that grows with the logits."""
+    for p in sp.preorder_traversal(instance):
+        if p.is_Add and any(a.has(*UNBOUNDED_FUNCS) for a in p.args):
+            return True
+    return False
+
+
+def _guard_holds(rule, instance, domains) -> bool:
+    if rule.guard == "singular_power":
+        return _singular(instance, domains)
+    if rule.guard == "unbounded_sum":
+        return _unbounded_sum(instance)
+    return True
+
+
+def _calls(e) -> int:
+    """The function calls (exp, log, sigmoid, ...) and non-integer powers in e: what evaluating it costs."""
+    return sum(1 for p in sp.preorder_traversal(e)
+               if isinstance(p, sp.Function) or (p.is_Pow and not p.exp.is_Integer))
+
+
 def _apply_once(expr, candidates, domains, fired):
-    """One bottom-up pass; returns the new expression (fired: rule names appended as they fire)."""
+    """One bottom-up pass; returns the new expression (fired: rule names appended as they fire).
+
+    At a node, every candidate rule is matched; the one whose replacement costs least fires: the rule's
+    cost plus the calls in the matched parts its replacement keeps (log1p(s) for log(1 + s) costs 1 plus
+    what s costs, so for s = e^v it ties with softplus(v), and the order in phases.toml decides)."""
     if expr.is_Atom:
         return expr
     args = tuple(_apply_once(a, candidates, domains, fired) for a in expr.args)
     node = expr.func(*args) if args != expr.args else expr
+    best = None
     for rule in candidates:
         pattern, wilds = _wild_pattern(rule, domains)
         hit = _match(node, pattern, wilds)
         if hit is None:
             continue
         m, rest = hit
-        if rule.guard == "singular_power" and not _singular(rule.pattern.xreplace({s: m[wilds[s]] for s in rule.domains}),
-                                                            domains):
+        subs = {s: m[wilds[s]] for s in rule.domains}
+        if rule.guard and not _guard_holds(rule, rule.pattern.xreplace(subs), domains):
             continue
-        new = rule.replacement.xreplace({s: m[wilds[s]] for s in rule.domains})
+        new = rule.replacement.xreplace(subs)
         if rest is not None:
             new = node.func(new, *rest)
         if new == node:
             continue
-        fired.append(rule.name)
-        return new
-    return node
+        kept = sum(_calls(v) for s, v in subs.items() if rule.replacement.has(s))
+        key = (rule.cost + kept, rule.order)
+        if best is None or key < best[0]:
+            best = (key, rule, new)
+    if best is None:
+        return node
+    fired.append(best[1].name)
+    return best[2]
 
 
 def rewrite(expr, domains, ruleset: RuleSet | None = None):
@@ -319,5 +364,5 @@ def to_helpers(expr):
     return expr.replace(is_lsp, lower)
 
 
-__all__ = ["Rule", "RuleSet", "RewriteError", "rules", "rewrite", "prove_equal", "to_helpers",
+__all__ = ["Rule", "RuleSet", "RewriteError", "GUARDS", "rules", "rewrite", "prove_equal", "to_helpers",
            "RULES_FILE", "PHASES_FILE", "log1p", "xexpm1inv"]
