@@ -28,8 +28,10 @@ PHASES_FILE = Path(__file__).resolve().parent / "phases.toml"
 #: the prover's time limit per step when the rules are verified before use (seconds)
 STEP_TIMEOUT = 30.0
 #: the guards a phases.toml entry may name: "singular_power" fires only where a matched power's exponent may
-#: be negative; "unbounded_sum" only where the matched sum has a term that grows with the logits
-GUARDS = (None, "singular_power", "unbounded_sum")
+#: be negative; "unbounded_sum" only where the matched sum has a term that grows with the logits;
+#: "outside_where" only outside every where() (a rule whose replacement is a where() that keeps the pattern in
+#: one branch: inside it, it would fire again)
+GUARDS = (None, "singular_power", "unbounded_sum", "outside_where")
 #: the functions whose values grow without bound with the logits (the unbounded_sum guard)
 UNBOUNDED_FUNCS = (softplus, sp.log, xexpm1inv)
 
@@ -283,7 +285,7 @@ def _calls(e) -> int:
                if isinstance(p, sp.Function) or (p.is_Pow and not p.exp.is_Integer))
 
 
-def _apply_once(expr, candidates, domains, fired):
+def _apply_once(expr, candidates, domains, fired, in_where=False):
     """One bottom-up pass; returns the new expression (fired: rule names appended as they fire).
 
     At a node, every candidate rule is matched; the one whose replacement costs least fires: the rule's
@@ -291,7 +293,8 @@ def _apply_once(expr, candidates, domains, fired):
     what s costs, so for s = e^v it ties with softplus(v), and the order in phases.toml decides)."""
     if expr.is_Atom:
         return expr
-    args = tuple(_apply_once(a, candidates, domains, fired) for a in expr.args)
+    inner = in_where or isinstance(expr, sp.Piecewise)
+    args = tuple(_apply_once(a, candidates, domains, fired, inner) for a in expr.args)
     node = expr.func(*args) if args != expr.args else expr
     best = None
     for rule in candidates:
@@ -301,7 +304,10 @@ def _apply_once(expr, candidates, domains, fired):
             continue
         m, rest = hit
         subs = {s: m[wilds[s]] for s in rule.domains}
-        if rule.guard and not _guard_holds(rule, rule.pattern.xreplace(subs), domains):
+        if rule.guard == "outside_where":
+            if in_where:
+                continue
+        elif rule.guard and not _guard_holds(rule, rule.pattern.xreplace(subs), domains):
             continue
         new = rule.replacement.xreplace(subs)
         if rest is not None:
