@@ -80,6 +80,11 @@ def main(argv=None) -> int:
     from derive.measure import gpu_check  # the CUDA rows: run on a GPU, skipped (one line) without one
 
     gpu_check.bench_rows(quick=args.quick)
+    if not args.torch_only:  # the rules' kernels beside the hand-written forms they replaced (derive.rewrite)
+        from derive.measure import bench_rewrite
+
+        print()
+        bench_rewrite.main(quick=args.quick)
     if args.kernels_only or args.torch_only:
         return 0
     print()
