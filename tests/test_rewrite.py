@@ -259,3 +259,24 @@ def test_soft_target_difference_and_log_of_the_complement():
     assert "log1p_minus_sigmoid" in fired and not loss.has(sp.log) and not loss.has(rw.log1p)
     val = _numeric(loss, x, t)(np.array([100.0, -100.0, 1e4]), np.array([0.5, 0.5, 0.0]))
     np.testing.assert_allclose(val, [50.0, 50.0, 1e4], rtol=1e-12)
+
+
+def test_rules_kernels_as_accurate_as_the_hand_written_ones():
+    """The shipped kernels whose forms the rules now find, against the same kernels generated from the
+    hand-written forms they replaced (derive/measure/hand_forms.toml), over derive accuracy's quick grid and
+    random points: both within the bounds, and the rules' errors no larger than the hand-written ones' (up
+    to a rounding difference of a few ulp: the forms differ in where a negation sits)."""
+    from derive.measure import accuracy as A
+    from derive.measure.bench_rewrite import HAND_FILE
+
+    hand = A.measure(backends=("c", "numpy"), quick=True, files=[str(HAND_FILE)])
+    names = sorted({r.kernel for r in hand})
+    assert names == ["sigmoid_ce", "sigmoid_focal", "sigmoid_focal_alpha", "softmax_ce", "softmax_focal"]
+    rules = {(r.kernel, r.dtype, r.backend, r.params): r for r in A.measure(backends=("c", "numpy"), quick=True,
+                                                                            kernels=names)}
+    assert len(rules) == len(hand)
+    for h in hand:
+        r = rules[(h.kernel, h.dtype, h.backend, h.params)]
+        assert h.ok and r.ok, (h, r)
+        slack = 4 * np.finfo(h.dtype).eps
+        assert r.loss_err <= h.loss_err + slack and r.grad_err <= h.grad_err + slack, (h, r)
