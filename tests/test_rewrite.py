@@ -280,3 +280,16 @@ def test_rules_kernels_as_accurate_as_the_hand_written_ones():
         assert h.ok and r.ok, (h, r)
         slack = 4 * np.finfo(h.dtype).eps
         assert r.loss_err <= h.loss_err + slack and r.grad_err <= h.grad_err + slack, (h, r)
+
+
+def test_rules_find_the_hand_written_forms():
+    """The loss and gradient forms the rules find are the hand-written ones, expression for expression (so the
+    generated loops are the same code), and of the second derivatives only the focal losses' differ (the
+    distributed sum, no slower: make bench times both)."""
+    from derive.measure.bench_rewrite import same_forms
+
+    same = same_forms()
+    assert {k: v for k, v in same.items() if not k.endswith(":second")} == dict.fromkeys(
+        ["sigmoid_ce", "sigmoid_focal", "sigmoid_focal_alpha", "softmax_ce", "softmax_focal"], True)
+    assert same["sigmoid_ce:second"] and same["softmax_ce:second"]
+    assert not same["sigmoid_focal:second"] and not same["sigmoid_focal_alpha:second"]

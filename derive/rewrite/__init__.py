@@ -199,6 +199,29 @@ def _range(e, domains):
     return None
 
 
+def _values(e, domains, limit=16):
+    """The finite set of values e takes (labels t in {0, 1}: 2t - 1 in {-1, 1}), or None."""
+    if e.is_Number:
+        return {e}
+    if e.is_Symbol:
+        d = domains.get(e)
+        return {sp.nsimplify(v) for v in d.values} if d is not None and d.values is not None else None
+    if e.is_Add or e.is_Mul:
+        parts = [_values(a, domains, limit) for a in e.args]
+        if any(p is None for p in parts):
+            return None
+        free = [a for a in e.args if not a.is_Number]
+        if len({s for a in free for s in a.free_symbols}) != sum(len(a.free_symbols) for a in free):
+            return None  # a symbol in two terms: the values are not independent
+        out = {sp.Integer(0) if e.is_Add else sp.Integer(1)}
+        for p in parts:
+            out = {(a + b) if e.is_Add else (a * b) for a in out for b in p}
+            if len(out) > limit:
+                return None
+        return out
+    return None
+
+
 def _real(e, domains) -> bool:
     """Whether e is known real: a known range, or SymPy's assumptions (every symbol real)."""
     return _range(e, domains) is not None or e.is_real is True
@@ -208,7 +231,8 @@ def _within(e, dom: Domain, domains) -> bool:
     if dom.values is None and dom.lo is None and dom.hi is None and not dom.integer and not dom.nonzero:
         return e.is_real is not False  # "real": every real expression (the kernels' are real)
     if dom.values is not None or dom.integer or dom.nonzero:
-        return e.is_Number and dom.contains(float(e))
+        vals = _values(e, domains)
+        return vals is not None and all(dom.contains(float(v)) for v in vals)
     r = _range(e, domains)
     if r is None:
         return False
@@ -340,7 +364,26 @@ def rewrite(expr, domains, ruleset: RuleSet | None = None):
             expr = new
         else:
             raise RewriteError(f"phase {pname!r} did not reach a fixpoint in {MAX_PASSES} passes")
-    return expr, list(dict.fromkeys(fired))
+    return _negation_out(expr), list(dict.fromkeys(fired))
+
+
+def _negation_out(expr):
+    """A product with a sum whose every term is negative, as the negated product of the negated sum:
+    y*(-a - b) -> -y*(a + b).  Not a rule (no value changes, the result is proved with the rest): the kernels
+    then negate once per element instead of once per term (the hand-written forms' shape; about 10% of
+    the float32 sigmoid focal kernel's time)."""
+    def fits(e):
+        return e.is_Mul and any(a.is_Add and all(t.could_extract_minus_sign() for t in a.args) for a in e.args)
+
+    def flip(e):
+        out, sign = [], 1
+        for a in e.args:
+            if a.is_Add and all(t.could_extract_minus_sign() for t in a.args):
+                a, sign = sp.Add(*[-t for t in a.args]), -sign
+            out.append(a)
+        return sign * sp.Mul(*out)
+
+    return expr.replace(fits, flip)
 
 
 def prove_equal(closed, result, ctx, step_timeout=8.0):
