@@ -152,3 +152,22 @@ def test_threads_argument_gives_identical_results():
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     with pytest.raises(ValueError, match="threads"):
         derive.binary_focal_loss(x, t, threads=0)
+
+
+def test_bench_rewrite_smoke(capsys):
+    """The rules-vs-hand rows of make bench: one row per kernel, dtype and parameters (and the elementwise
+    second derivatives), each with both figures, its ratio and whether the printed forms are the same; the
+    target line and the spread line printed (figures not asserted)."""
+    from derive.measure import bench_rewrite
+
+    res = bench_rewrite.main(quick=True)
+    text = capsys.readouterr().out
+    if "skipped" in res:
+        pytest.skip(res["skipped"])
+    names = {(r["kernel"], r["dtype"]) for r in res["rows"]}
+    for k in ("sigmoid_ce", "sigmoid_focal", "sigmoid_focal_alpha", "softmax_ce", "softmax_focal",
+              "sigmoid_focal (hess)"):
+        assert (k, "float32") in names and (k, "float64") in names, k
+    assert all(r["rules_ns"] > 0 and r["hand_ns"] > 0 and r["ratio"] > 0 for r in res["rows"])
+    assert "target: rules' kernels within 5% of the hand-written ones" in text and "note: where the printed" in text
+    assert {r["same_code"] for r in res["rows"]} == {True, False}

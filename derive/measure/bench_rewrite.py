@@ -61,6 +61,18 @@ def same_forms() -> dict:
     return out
 
 
+def _race(calls, rounds) -> dict:
+    """The fastest of ``rounds`` calls of calls["rules"] and calls["hand"], in alternation (which goes
+    first alternates too), in seconds."""
+    best = {k: float("inf") for k in calls}
+    for i in range(rounds):
+        for k in (("rules", "hand") if i % 2 == 0 else ("hand", "rules")):
+            t0 = time.perf_counter()
+            calls[k]()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
 def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, dtypes=("float32", "float64"), rounds=41, hand=None):
     """{"rows": [...]} with ns per element of both kernels and their ratio, or {"skipped": why}."""
     import derive
@@ -84,13 +96,7 @@ def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, dtypes=("float32", "fl
             if not (np.allclose(la, lb, rtol=tol, atol=0) and np.allclose(ga, gb, rtol=tol, atol=tol * np.abs(gb).max())):
                 raise AssertionError(f"bench_rewrite: {name} {params} {dtype}: the rules' and the hand-written "
                                      "kernels disagree")
-            best = {k: float("inf") for k in calls}
-            for i in range(rounds):  # alternating, and which goes first alternates too
-                for k in (("rules", "hand") if i % 2 == 0 else ("hand", "rules")):
-                    c = calls[k]
-                    t0 = time.perf_counter()
-                    c()
-                    best[k] = min(best[k], time.perf_counter() - t0)
+            best = _race(calls, rounds)
             n_el = x.size
             rows.append({"kernel": name, "params": params, "dtype": dtype, "elements": n_el,
                          "rules_ns": best["rules"] / n_el * 1e9, "hand_ns": best["hand"] / n_el * 1e9,
@@ -132,12 +138,7 @@ def _second_rows(hk, same, n, dtypes, rounds, rng):
             tol = 1e-4 if dtype == "float32" else 1e-12
             if not np.allclose(got["rules"], got["hand"], rtol=tol, atol=tol * np.abs(got["hand"]).max()):
                 raise AssertionError(f"bench_rewrite: {name} hess {params} {dtype}: the two kernels disagree")
-            best = {k: float("inf") for k in calls}
-            for i in range(rounds):
-                for k in (("rules", "hand") if i % 2 == 0 else ("hand", "rules")):
-                    t0 = time.perf_counter()
-                    calls[k]()
-                    best[k] = min(best[k], time.perf_counter() - t0)
+            best = _race(calls, rounds)
             rows.append({"kernel": name + " (hess)", "params": params, "dtype": dtype, "elements": n,
                          "rules_ns": best["rules"] / n * 1e9, "hand_ns": best["hand"] / n * 1e9,
                          "ratio": best["rules"] / best["hand"], "same_code": same[name + ":second"]})
