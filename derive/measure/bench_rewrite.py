@@ -18,16 +18,26 @@ import numpy as np
 
 HAND_FILE = Path(__file__).resolve().with_name("hand_forms.toml")
 
-#: (kernel, parameters, layout)
-CASES = (
-    ("sigmoid_ce", {}, "sigmoid"),
-    ("sigmoid_focal", {"gamma": 2.0}, "sigmoid"),
-    ("sigmoid_focal", {"gamma": 0.5}, "sigmoid"),
-    ("sigmoid_focal_alpha", {"alpha": 0.25, "gamma": 2.0}, "sigmoid"),
-    ("softmax_ce", {}, "softmax"),
-    ("softmax_focal", {"alpha": 0.25, "gamma": 2.0}, "softmax"),
-    ("softmax_focal", {"alpha": 0.25, "gamma": 0.5}, "softmax"),
-)
+#: beside each kernel's declared defaults, these parameter values (where the kernel has the parameter)
+EXTRA_PARAMS = ({"gamma": 0.5},)
+
+
+def cases(hand_file=HAND_FILE) -> list:
+    """(kernel, parameters, layout) for every kernel of the hand-written file, read from its [[kernel]]
+    tables (no kernel is named here): the declared defaults, then each EXTRA_PARAMS value it takes."""
+    from derive.language.loader import load_file
+
+    out = []
+    for spec in load_file(hand_file).kernels:
+        layout = "sigmoid" if spec.layout == "elementwise" else "softmax"
+        base = {p: float(spec.defaults[p]) for p in spec.params}
+        out.append((spec.name, base, layout))
+        for extra in EXTRA_PARAMS:
+            if set(extra) <= set(spec.params) and any(base[k] != v for k, v in extra.items()):
+                out.append((spec.name, {**base, **extra}, layout))
+    return out
+
+
 SIGMOID_N = 2_000_000
 SOFTMAX_SHAPE = (32768, 80)
 TARGET = 1.05
@@ -85,7 +95,7 @@ def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, dtypes=("float32", "fl
     same = same_forms()
     rows = []
     for dtype in dtypes:
-        for name, params, layout in CASES:
+        for name, params, layout in cases():
             x, t, outs = _inputs(layout, dtype, sigmoid_n, softmax_shape, rng)
             fns = {"rules": getattr(derive.kernels, name), "hand": getattr(hk, name)}
             calls = {k: (lambda f=f: f(x, t, **params, reduction="none", backend="c", return_grad=True,
@@ -120,7 +130,7 @@ def _second_rows(hk, same, n, dtypes, rounds, rng):
         x = rng.normal(0, 4, n).astype(dtype)
         t = (rng.random(n) < 0.1).astype(dtype)
         out = np.empty_like(x)
-        for name, params, layout in CASES:
+        for name, params, layout in cases():
             if layout != "sigmoid":
                 continue
             calls = {}
@@ -197,4 +207,4 @@ def main(quick=False) -> dict:
     return res
 
 
-__all__ = ["run", "format_table", "targets", "spread", "same_forms", "main", "HAND_FILE", "CASES"]
+__all__ = ["run", "format_table", "targets", "spread", "same_forms", "main", "HAND_FILE", "cases"]
