@@ -71,6 +71,15 @@ def same_forms() -> dict:
     return out
 
 
+def _check_agree(what, rules, hand, dtype):
+    """The two kernels compute the same proved function: their outputs agree to a few rounding errors."""
+    tol = 1e-4 if dtype == "float32" else 1e-12
+    for a, b in zip(rules, hand):
+        a, b = np.asarray(a), np.asarray(b)
+        if not np.allclose(a, b, rtol=tol, atol=tol * np.abs(b).max()):
+            raise AssertionError(f"bench_rewrite: {what} {dtype}: the rules' and the hand-written kernels disagree")
+
+
 def _race(calls, rounds) -> dict:
     """The fastest of ``rounds`` calls of calls["rules"] and calls["hand"], in alternation (which goes
     first alternates too), in seconds."""
@@ -93,36 +102,36 @@ def run(sigmoid_n=SIGMOID_N, softmax_shape=SOFTMAX_SHAPE, dtypes=("float32", "fl
     hk = hand or derive.load(HAND_FILE)
     rng = np.random.default_rng(16)
     same = same_forms()
+    todo = cases()
     rows = []
     for dtype in dtypes:
-        for name, params, layout in cases():
+        for name, params, layout in todo:
             x, t, outs = _inputs(layout, dtype, sigmoid_n, softmax_shape, rng)
             fns = {"rules": getattr(derive.kernels, name), "hand": getattr(hk, name)}
             calls = {k: (lambda f=f: f(x, t, **params, reduction="none", backend="c", return_grad=True,
                                          threads=1, out=outs)) for k, f in fns.items()}
-            res = {k: c() for k, c in calls.items()}  # warm-up; and the two agree (same proved function)
-            (la, ga), (lb, gb) = (np.array(a) for a in res["rules"]), (np.array(a) for a in res["hand"])
-            tol = 1e-4 if dtype == "float32" else 1e-12
-            if not (np.allclose(la, lb, rtol=tol, atol=0) and np.allclose(ga, gb, rtol=tol, atol=tol * np.abs(gb).max())):
-                raise AssertionError(f"bench_rewrite: {name} {params} {dtype}: the rules' and the hand-written "
-                                     "kernels disagree")
+            res = {k: c() for k, c in calls.items()}  # warm-up
+            _check_agree(f"{name} {params}", res["rules"], res["hand"], dtype)
             best = _race(calls, rounds)
             n_el = x.size
             rows.append({"kernel": name, "params": params, "dtype": dtype, "elements": n_el,
                          "rules_ns": best["rules"] / n_el * 1e9, "hand_ns": best["hand"] / n_el * 1e9,
                          "ratio": best["rules"] / best["hand"], "same_code": same[name]})
-    rows += _second_rows(hk, same, sigmoid_n, dtypes, rounds, rng)
+    rows += _second_rows(hk, same, todo, sigmoid_n, dtypes, rounds, rng)
     return {"rows": rows, "rounds": rounds}
 
 
-def _second_rows(hk, same, n, dtypes, rounds, rng):
+def _second_rows(hk, same, todo, n, dtypes, rounds, rng):
     """The elementwise second-derivative kernels (derive_<kernel>_hess_<dt>, double backward), called through
     ctypes on both libraries: the forms the rules reorganise (distribute_bounded)."""
     import ctypes
 
     from derive.runtime import cbuild
 
-    libs = {"rules": cbuild.load(cbuild.GENERATED_DIR, "focal_kernels"), "hand": cbuild.load(hk.generated, "hand_forms")}
+    from derive.codegen import kernels as K
+
+    shipped = {k.name: k.module for k in K.shipped_kernels()}
+    (hand_module,) = hk.modules  # the one module of hand_forms.toml
     ptr = ctypes.c_void_p
     rows = []
     for dtype in dtypes:
@@ -130,9 +139,11 @@ def _second_rows(hk, same, n, dtypes, rounds, rng):
         x = rng.normal(0, 4, n).astype(dtype)
         t = (rng.random(n) < 0.1).astype(dtype)
         out = np.empty_like(x)
-        for name, params, layout in cases():
+        for name, params, layout in todo:
             if layout != "sigmoid":
                 continue
+            libs = {"rules": cbuild.load(cbuild.GENERATED_DIR, shipped[name]),
+                    "hand": cbuild.load(hk.generated, hand_module)}
             calls = {}
             for k, lib in libs.items():
                 fn = getattr(lib, f"derive_{name}_hess_{sfx}")
@@ -145,9 +156,7 @@ def _second_rows(hk, same, n, dtypes, rounds, rng):
                 if c() != 0:
                     raise AssertionError(f"bench_rewrite: derive_{name}_hess_{sfx} failed ({k})")
                 got[k] = out.copy()
-            tol = 1e-4 if dtype == "float32" else 1e-12
-            if not np.allclose(got["rules"], got["hand"], rtol=tol, atol=tol * np.abs(got["hand"]).max()):
-                raise AssertionError(f"bench_rewrite: {name} hess {params} {dtype}: the two kernels disagree")
+            _check_agree(f"{name} hess {params}", [got["rules"]], [got["hand"]], dtype)
             best = _race(calls, rounds)
             rows.append({"kernel": name + " (hess)", "params": params, "dtype": dtype, "elements": n,
                          "rules_ns": best["rules"] / n * 1e9, "hand_ns": best["hand"] / n * 1e9,
